@@ -1,0 +1,58 @@
+"""Behaviour policies that act for many agents at once while a dataset is recorded."""
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from persim_bench.envs.base import EnvFamily
+
+
+class BehaviourPolicy(Protocol):
+    def act(self, obs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Actions for a batch of observations [N, D]: int64 [N] or float32 [N, A]."""
+
+
+class RandomPolicy:
+    """Uniform random actions: the paper's ``random`` regime."""
+
+    def __init__(self, family: EnvFamily):
+        self.family = family
+
+    def act(self, obs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return self.family.random_actions(rng, len(obs))
+
+
+class EpsilonMixture:
+    """With probability ``epsilon`` a uniform random action, else the base policy's (``pure-eps-*``).
+
+    The coin is tossed per agent and step; both draws are made for every row so the random
+    stream does not depend on the base policy's output.
+    """
+
+    def __init__(self, base: BehaviourPolicy, family: EnvFamily, epsilon: float):
+        if not 0.0 <= epsilon <= 1.0:
+            raise ValueError(f"epsilon must be in [0, 1], got {epsilon}")
+        self.base, self.family, self.epsilon = base, family, epsilon
+
+    def act(self, obs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        chosen = np.asarray(self.base.act(obs, rng))
+        explore = rng.random(len(obs)) < self.epsilon
+        random = self.family.random_actions(rng, len(obs))
+        mask = explore if chosen.ndim == 1 else explore[:, None]
+        return np.where(mask, random, chosen).astype(chosen.dtype)
+
+
+REGIME_EPSILON = {"pure": 0.0, "pure-eps-20": 0.2, "pure-eps-40": 0.4}
+
+
+def regime_policy(family: EnvFamily, regime: str, covariates: np.ndarray) -> BehaviourPolicy:
+    """The behaviour policy of a regime for a block of agents with these covariates."""
+    if regime == "random":
+        return RandomPolicy(family)
+    if regime in REGIME_EPSILON:
+        raise NotImplementedError(
+            f"regime {regime!r} needs trained logging policies, which this version cannot train yet; "
+            "use --regime random"
+        )
+    raise ValueError(f"unknown regime {regime!r}")

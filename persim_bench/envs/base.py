@@ -1,0 +1,125 @@
+"""What every heterogeneous environment provides.
+
+An environment family (MountainCar, CartPole, HalfCheetah) is a set of agents that share
+state and action spaces but differ in hidden covariates (gravity, pole length, masses...).
+Everything hot is batched over agents: ``BatchSim`` steps N agents with N different
+covariates at once, and the reward/termination functions take batched torch tensors so the
+MPC planner can score thousands of imagined rollouts in one call.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable
+
+import gymnasium
+import numpy as np
+import torch
+
+# (obs [B, D], action [B] long or [B, A] float, agent [B] long) -> next_obs [B, D]; all torch.
+# ``agent`` indexes the covariate table the function was built for, so one call can serve rows
+# of several agents (the planner batches episodes of all test agents together).
+TorchDynamics = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class BatchSim(ABC):
+    """N agents stepped together; agent i uses covariates[i]. numpy in, numpy out."""
+
+    def __init__(self, covariates: np.ndarray):
+        self.covariates = np.asarray(covariates, dtype=np.float64)
+        if self.covariates.ndim != 2:
+            raise ValueError(f"covariates must be [N, C], got shape {self.covariates.shape}")
+        self.n = len(self.covariates)
+
+    @abstractmethod
+    def reset(self, rng: np.random.Generator) -> np.ndarray:
+        """Draw start states for all agents; return float32 observations [N, D]."""
+
+    @abstractmethod
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Advance every agent one step: (next_obs float32 [N, D], reward [N], terminated [N])."""
+
+
+class EnvFamily(ABC):
+    """Static description of one environment family plus its batched simulator."""
+
+    name: str                      # short name used in configs and file paths
+    gym_id: str                    # registered gymnasium id
+    obs_dim: int
+    n_actions: int | None          # number of discrete actions, None when continuous
+    action_dim: int                # 1 for discrete (stored as an int), else the vector size
+    horizon: int                   # episode cap of the paper
+    covariate_names: tuple[str, ...]
+    covariate_low: tuple[float, ...]
+    covariate_high: tuple[float, ...]
+    default_covariates: tuple[float, ...]
+    test_agents: tuple[tuple[float, ...], ...]     # agents 0-4 of every dataset
+    policy_agents: tuple[tuple[float, ...], ...]   # agents the logging policies are trained on
+
+    @property
+    def discrete(self) -> bool:
+        return self.n_actions is not None
+
+    @abstractmethod
+    def batch(self, covariates: np.ndarray) -> BatchSim:
+        """A simulator stepping len(covariates) agents at once."""
+
+    @abstractmethod
+    def reward(self, obs: torch.Tensor, action: torch.Tensor, next_obs: torch.Tensor) -> torch.Tensor:
+        """Batched reward r(s, a, s'), the same numbers ``BatchSim.step`` returns."""
+
+    @abstractmethod
+    def terminated(self, obs: torch.Tensor, action: torch.Tensor, next_obs: torch.Tensor) -> torch.Tensor:
+        """Batched bool: does the transition s -> s' end the episode."""
+
+    @abstractmethod
+    def true_dynamics(self, covariates: np.ndarray) -> TorchDynamics:
+        """Ground-truth next-observation function for agents with covariates [N, C] (True env + MPC)."""
+
+    def random_actions(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """n uniform random actions: int64 [n] when discrete, float32 [n, A] in [-1, 1] otherwise."""
+        if self.discrete:
+            return rng.integers(0, self.n_actions, size=n, dtype=np.int64)
+        return rng.uniform(-1.0, 1.0, size=(n, self.action_dim)).astype(np.float32)
+
+    def sample_covariates(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """n agents drawn uniformly from the covariate box, float64 [n, C]."""
+        return rng.uniform(self.covariate_low, self.covariate_high, size=(n, len(self.covariate_names)))
+
+    def agent_covariates(self, rng: np.random.Generator, n_agents: int) -> np.ndarray:
+        """The dataset's agents: the test agents first (paper order), then uniform draws."""
+        n_test = len(self.test_agents)
+        if n_agents < n_test:
+            raise ValueError(f"{self.name}: n_agents must be >= {n_test} (the test agents)")
+        fixed = np.asarray(self.test_agents, dtype=np.float64)
+        return np.concatenate([fixed, self.sample_covariates(rng, n_agents - n_test)])
+
+    def action_space(self) -> gymnasium.Space:
+        if self.discrete:
+            return gymnasium.spaces.Discrete(self.n_actions)
+        return gymnasium.spaces.Box(-1.0, 1.0, (self.action_dim,), np.float32)
+
+
+class SingleAgentEnv(gymnasium.Env):
+    """gymnasium view of one agent of a family: a BatchSim of size one.
+
+    Sharing the batched code path means the registered env and the data generator can
+    never disagree about the dynamics.
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, family: EnvFamily, covariates: tuple[float, ...]):
+        self.family = family
+        self.covariates = tuple(float(c) for c in covariates)
+        self.sim = family.batch(np.asarray([self.covariates]))
+        self.action_space = family.action_space()
+        self.observation_space = gymnasium.spaces.Box(-np.inf, np.inf, (family.obs_dim,), np.float32)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        return self.sim.reset(self.np_random)[0], {}
+
+    def step(self, action):
+        batched = np.asarray(action).reshape((1,) if self.family.discrete else (1, -1))
+        obs, reward, terminated = self.sim.step(batched)
+        return obs[0], float(reward[0]), bool(terminated[0]), False, {}

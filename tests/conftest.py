@@ -1,0 +1,29 @@
+"""Shared fixtures: a real local Ray cluster for the session, small grids written to tmp dirs."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import yaml
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def write_grid(tmp_path):
+    """Write a grid dict to a YAML file and return its path."""
+
+    def write(grid: dict, name: str = "grid.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(grid))
+        return path
+
+    return write
