@@ -44,6 +44,61 @@ def cmd_data(args) -> None:
         print(folder)
 
 
+def cmd_run(args) -> None:
+    """datasets -> main (Tune) -> tables, with one MLflow parent run for the invocation."""
+    from persim_bench.data.generate import check_generatable, generate_datasets
+    from persim_bench.orchestrate import RunContext, default_tracking_uri, run_main_stage, start_parent_run
+    from persim_bench.tables import write_tables
+
+    grid = load_grid(args.grid).narrowed(args.env, args.regime, args.algo, args.seed)
+    results = Path(args.results).resolve()
+    tracking_uri = args.mlflow_uri or default_tracking_uri(results)
+    storage = args.storage or str(results / "ray")
+    check_generatable(grid)
+    connect_ray(args.address)
+
+    data_root = results / "datasets" / grid.name
+    print(f"[datasets] {data_root}")
+    generate_datasets(grid, data_root)
+
+    experiment_id, parent_run_id = start_parent_run(grid, tracking_uri, str(args.grid))
+    context = RunContext(grid.model_dump(), str(data_root), tracking_uri, experiment_id, parent_run_id)
+    print(f"[main] MLflow {tracking_uri} (parent run {parent_run_id}); Tune storage {storage}")
+    outcome = run_main_stage(grid, context, storage, name=f"{grid.name}-{parent_run_id[:8]}")
+    failed = [r for r in outcome if r.error is not None]
+
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri).set_terminated(parent_run_id, "FAILED" if failed else "FINISHED")
+    out = write_tables(grid, tracking_uri, results)
+    print((out / "tables.md").read_text())
+    print(f"{len(outcome) - len(failed)} trials finished, {len(failed)} failed; tables in {out}; "
+          f"browse with `persim-bench ui --results {args.results}`")
+    if failed:
+        sys.exit(1)
+
+
+def cmd_tables(args) -> None:
+    from persim_bench.orchestrate import default_tracking_uri
+    from persim_bench.tables import write_tables
+
+    grid = load_grid(args.grid)
+    results = Path(args.results).resolve()
+    out = write_tables(grid, args.mlflow_uri or default_tracking_uri(results), results)
+    print((out / "tables.md").read_text())
+
+
+def cmd_ui(args) -> None:
+    import subprocess
+
+    from persim_bench.orchestrate import default_tracking_uri
+
+    uri = args.mlflow_uri or default_tracking_uri(Path(args.results).resolve())
+    print(f"MLflow UI on http://127.0.0.1:{args.port} over {uri}")
+    subprocess.run([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                    "--host", "127.0.0.1", "--port", str(args.port)], check=False)
+
+
 def cmd_bench(args) -> None:
     from persim_bench import bench
 
@@ -59,6 +114,26 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--workers", type=int, help="Ray actors (default: the grid's data.num_workers, else all CPUs)")
     data.set_defaults(func=cmd_data)
 
+    run = commands.add_parser("run", help="the whole grid: datasets -> Tune trials -> MLflow -> tables")
+    grid_args(run)
+    run.add_argument("--algo", action="append", help="only this algorithm (repeatable)")
+    run.add_argument("--seed", action="append", type=int, help="only this seed (repeatable)")
+    run.add_argument("--storage", help="Tune storage path or URI (default: <results>/ray)")
+    run.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite:///<results>/mlflow.db)")
+    run.set_defaults(func=cmd_run)
+
+    tables = commands.add_parser("tables", help="write the paper's tables from MLflow to results/<grid>/")
+    tables.add_argument("--grid", required=True)
+    tables.add_argument("--results", default="results")
+    tables.add_argument("--mlflow-uri")
+    tables.set_defaults(func=cmd_tables)
+
+    ui = commands.add_parser("ui", help="the MLflow UI on 127.0.0.1 over the results database")
+    ui.add_argument("--results", default="results")
+    ui.add_argument("--mlflow-uri")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(func=cmd_ui)
+
     bench = commands.add_parser("bench", help="speed benchmarks (ratios against a baseline measured in the same run)")
     bench.add_argument("what", choices=["data"], help="which benchmark")
     bench.add_argument("--quick", action="store_true", help="small sizes, for a fast check")
@@ -70,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (GridError, DatasetError) as err:
+    except (GridError, DatasetError, NotImplementedError) as err:
         sys.exit(f"persim-bench: {err}")
 
 

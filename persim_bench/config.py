@@ -7,7 +7,7 @@ Ray starts.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from persim_bench.envs import ENVS
 
 REGIMES = ("pure", "random", "pure-eps-20", "pure-eps-40")
+# Algorithms this version runs; "true_env_mpc" needs no data, so it runs once per env x seed.
+ALGOS = ("persim", "true_env_mpc")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "tune_configs"
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -50,12 +52,95 @@ class DataSpec(Strict):
         return self.max_steps.get(env, ENVS[env].horizon)
 
 
+def per_env(value, env: str):
+    """A setting given once for all envs or as {env: value}."""
+    if isinstance(value, dict):
+        if env not in value:
+            raise GridError(f"no value for env {env!r} in {value}")
+        return value[env]
+    return value
+
+
+class PersimSpec(Strict):
+    """PerSim's model and training (paper App. D.1). Defaults are the paper's."""
+
+    rank: PositiveInt | dict[str, PositiveInt] = {"mountaincar": 3, "cartpole": 5, "halfcheetah": 20}
+    ensemble: PositiveInt = 5
+    epochs: PositiveInt = 300
+    batch_size: PositiveInt = 256
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+    # State encoder hidden layers (paper: one layer of 256 for MountainCar/CartPole, (256, 512, 512) for HalfCheetah).
+    state_hidden: list[PositiveInt] | dict[str, list[PositiveInt]] = {
+        "mountaincar": [256], "cartpole": [256], "halfcheetah": [256, 512, 512]}
+    # Action encoder hidden layers for continuous actions (discrete actions: one linear layer on the one-hot).
+    action_hidden: list[PositiveInt] = [256, 256]
+    # z-score states and deltas before fitting (authors' code: HalfCheetah only; paper: silent).
+    normalize: bool | dict[str, bool] = True
+    # Halve the learning rate every this many epochs (authors' code: 150; paper: no schedule).
+    lr_halving_epochs: PositiveInt | None = None
+
+    @field_validator("rank", "state_hidden", "normalize")
+    @classmethod
+    def _env_keys(cls, value):
+        if isinstance(value, dict):
+            for env in value:
+                if env not in ENVS:
+                    raise ValueError(f"unknown env {env!r}; known: {', '.join(ENVS)}")
+        return value
+
+
+class PlannerSpec(Strict):
+    """The one MPC planner (paper Sec. 5, App. D.1): random shooting for discrete actions, CEM for continuous."""
+
+    horizon: PositiveInt | dict[str, PositiveInt] = {"mountaincar": 50, "cartpole": 30, "halfcheetah": 30}
+    candidates: PositiveInt | dict[str, PositiveInt] = {"mountaincar": 1000, "cartpole": 1000, "halfcheetah": 200}
+    # Paper: gamma 0.93 and the pessimistic minimum over ensemble members; authors' final code: 1.0 and mean.
+    gamma: Annotated[float, Field(gt=0, le=1)] = 0.93
+    aggregate: Literal["min", "mean"] = "min"
+    # CEM (authors' code): elites, refinement iterations after the first sample, smoothing of mean/std.
+    elites: PositiveInt = 50
+    iterations: Annotated[int, Field(ge=0)] = 5
+    smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    init_std: Annotated[float, Field(gt=0)] = 0.5
+    # Largest members x episodes x candidates batch scored in one tensor op (memory bound).
+    max_rows: PositiveInt = 100_000
+
+    @model_validator(mode="after")
+    def _elites_fit(self) -> "PlannerSpec":
+        smallest = min(self.candidates.values()) if isinstance(self.candidates, dict) else self.candidates
+        if self.elites > smallest:
+            raise ValueError(f"elites ({self.elites}) must not exceed candidates ({smallest})")
+        return self
+
+
+class EvaluationSpec(Strict):
+    """Shared evaluation (paper Sec. 6.2-6.3, App. F)."""
+
+    test_agents: list[Annotated[int, Field(ge=0, le=4)]] = [0, 1, 2, 3, 4]
+    prediction_trajectories: PositiveInt = 200
+    prediction_steps: PositiveInt = 50
+    # One-step burn-in before the open-loop window (authors' code: 10).
+    burn_in: Annotated[int, Field(ge=0)] = 10
+    reward_episodes: PositiveInt = 20
+    # Episode cap for reward episodes; the paper's horizon when absent.
+    max_steps: dict[str, PositiveInt] = {}
+
+    def episode_steps(self, env: str) -> int:
+        return self.max_steps.get(env, ENVS[env].horizon)
+
+
 class Grid(Strict):
     name: str
     seed: Annotated[int, Field(ge=0)] = 0
     envs: list[str]
     regimes: list[str]
+    algos: list[str] = list(ALGOS)
+    # Repeats of every experiment (the paper: 5); each seed drives training, planning and evaluation.
+    seeds: list[Annotated[int, Field(ge=0)]] = [0, 1, 2, 3, 4]
     data: DataSpec = DataSpec()
+    persim: PersimSpec = PersimSpec()
+    planner: PlannerSpec = PlannerSpec()
+    evaluation: EvaluationSpec = EvaluationSpec()
 
     @field_validator("envs")
     @classmethod
@@ -73,19 +158,31 @@ class Grid(Strict):
                 raise ValueError(f"unknown regime {regime!r}; known: {', '.join(REGIMES)}")
         return regimes
 
+    @field_validator("algos")
+    @classmethod
+    def _known_algos(cls, algos: list[str]) -> list[str]:
+        for algo in algos:
+            if algo not in ALGOS:
+                raise ValueError(f"unknown algorithm {algo!r}; known: {', '.join(ALGOS)}")
+        return algos
+
     @model_validator(mode="after")
     def _non_empty(self) -> "Grid":
-        if not self.envs or not self.regimes:
-            raise ValueError("envs and regimes must each name at least one entry")
+        for key in ("envs", "regimes", "algos", "seeds"):
+            if not getattr(self, key):
+                raise ValueError(f"{key} must name at least one entry")
         return self
 
-    def narrowed(self, envs: list[str] | None = None, regimes: list[str] | None = None) -> "Grid":
-        """The same grid restricted from the command line (``--env``, ``--regime``)."""
-        update = {"envs": envs or self.envs, "regimes": regimes or self.regimes}
+    def narrowed(self, envs: list[str] | None = None, regimes: list[str] | None = None,
+                 algos: list[str] | None = None, seeds: list[int] | None = None) -> "Grid":
+        """The same grid restricted from the command line (``--env``, ``--regime``, ``--algo``, ``--seed``)."""
+        update = {"envs": envs or self.envs, "regimes": regimes or self.regimes,
+                  "algos": algos or self.algos, "seeds": seeds or self.seeds}
         for key, chosen in update.items():
             extra = sorted(set(chosen) - set(getattr(self, key)))
             if extra:
-                raise GridError(f"--{key[:-1]} {', '.join(extra)}: not in grid {self.name!r} ({', '.join(getattr(self, key))})")
+                raise GridError(f"--{key[:-1]} {', '.join(map(str, extra))}: not in grid {self.name!r} "
+                               f"({', '.join(map(str, getattr(self, key)))})")
         return self.model_copy(update=update)
 
 

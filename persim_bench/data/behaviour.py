@@ -43,6 +43,34 @@ class EpsilonMixture:
         return np.where(mask, random, chosen).astype(chosen.dtype)
 
 
+class HeuristicController:
+    """A fixed hand-written feedback controller, different from every data policy.
+
+    MountainCar pushes along its velocity (pumps energy), CartPole leans against the pole's
+    fall, HalfCheetah applies a fixed random linear feedback tanh(W s) with W from ``seed``.
+    """
+
+    def __init__(self, family: EnvFamily, seed: int = 0):
+        self.family = family
+        self.gain = np.random.default_rng(seed).normal(0, 0.5, size=(family.obs_dim, family.action_dim))
+
+    def act(self, obs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if self.family.name == "mountaincar":
+            return np.where(obs[:, 1] >= 0, 2, 0).astype(np.int64)
+        if self.family.name == "cartpole":
+            return (obs[:, 2] + 0.3 * obs[:, 3] + 0.01 * obs[:, 0] + 0.05 * obs[:, 1] > 0).astype(np.int64)
+        return np.tanh(obs @ self.gain).astype(np.float32)
+
+
+# Until trained test policies exist (issue 4), prediction error uses this; its name goes to every output.
+PREDICTION_POLICY_NAME = "heuristic-eps10"
+
+
+def prediction_policy(family: EnvFamily, seed: int = 0) -> BehaviourPolicy:
+    """The policy whose actions drive the prediction-error test (never used to make training data)."""
+    return EpsilonMixture(HeuristicController(family, seed), family, 0.1)
+
+
 REGIME_EPSILON = {"pure": 0.0, "pure-eps-20": 0.2, "pure-eps-40": 0.4}
 
 

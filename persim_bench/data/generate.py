@@ -70,6 +70,13 @@ def dataset_plans(grid: Grid) -> list[DatasetPlan]:
     ]
 
 
+def check_generatable(grid: Grid) -> None:
+    """Fail before Ray or any compute starts for a regime this version cannot record."""
+    for plan in dataset_plans(grid):
+        family = get_env(plan.env)
+        regime_policy(family, plan.regime, np.zeros((0, len(family.covariate_names))))
+
+
 def record_shard(plan: DatasetPlan, shard: int) -> Transitions:
     """Roll every agent of the shard for one episode, all agents stepped together."""
     family = get_env(plan.env)
@@ -134,8 +141,7 @@ def generate_datasets(grid: Grid, root: Path, num_workers: int | None = None, pr
     Returns the dataset folders. Finished datasets and shards are skipped.
     """
     plans = dataset_plans(grid)
-    for plan in plans:  # fail before any compute for regimes this version cannot record
-        regime_policy(get_env(plan.env), plan.regime, np.zeros((0, len(get_env(plan.env).covariate_names))))
+    check_generatable(grid)
     pending = []
     for plan in plans:
         folder = dataset_dir(root, plan.env, plan.regime)

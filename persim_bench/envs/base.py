@@ -54,6 +54,10 @@ class EnvFamily(ABC):
     default_covariates: tuple[float, ...]
     test_agents: tuple[tuple[float, ...], ...]     # agents 0-4 of every dataset
     policy_agents: tuple[tuple[float, ...], ...]   # agents the logging policies are trained on
+    # Planning-only bonus: weight * the largest shaping_value(s') along an imagined rollout. The
+    # authors' MountainCar planner adds 0.01 * the furthest position reached, without which a
+    # 50-step horizon rarely sees the sparse goal; 0 for the other envs.
+    shaping_weight: float = 0.0
 
     @property
     def discrete(self) -> bool:
@@ -74,6 +78,9 @@ class EnvFamily(ABC):
     @abstractmethod
     def true_dynamics(self, covariates: np.ndarray) -> TorchDynamics:
         """Ground-truth next-observation function for agents with covariates [N, C] (True env + MPC)."""
+
+    def shaping_value(self, next_obs: torch.Tensor) -> torch.Tensor:
+        return next_obs[..., 0]
 
     def random_actions(self, rng: np.random.Generator, n: int) -> np.ndarray:
         """n uniform random actions: int64 [n] when discrete, float32 [n, A] in [-1, 1] otherwise."""

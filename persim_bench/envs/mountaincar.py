@@ -67,6 +67,7 @@ class MountainCar(EnvFamily):
     default_covariates = (0.0025,)
     test_agents = ((0.0001,), (0.0005,), (0.001,), (0.0025,), (0.0035,))
     policy_agents = ((0.0003,), (0.00075,), (0.00175,), (0.0025,), (0.003,))
+    shaping_weight = 0.01
 
     def batch(self, covariates):
         return MountainCarBatch(covariates)

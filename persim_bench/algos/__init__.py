@@ -1,0 +1,1 @@
+"""Algorithms: each file holds only what is specific to one method (model, training)."""

@@ -1,0 +1,197 @@
+"""PerSim (paper Sec. 5, App. D.1): personalised simulators from a low-rank latent factor model.
+
+The next-state delta of agent n in state s under action a is modelled as
+
+    delta_d = sum_l u_l(n) * v_l(s, d) * w_l(a),    l = 1..r
+
+with three encoders that share no edges: u = agent factors (one linear layer on the one-hot
+agent id, i.e. a table), v = state MLP -> D x r, w = action factors (a table on the one-hot
+action when discrete, an MLP when continuous). Data of all agents trains v and w; each agent
+only has to pin down its r numbers u(n), which is what makes one trajectory per agent enough.
+
+The M ensemble members are one batched module (weights [M, ...]) trained in one
+forward/backward per step; each member sees its own minibatch order, as in the authors' code.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from persim_bench.algos.nets import EnsembleMLP
+from persim_bench.config import PersimSpec, per_env
+from persim_bench.data.dataset import Transitions
+from persim_bench.envs import get_env
+
+FORMAT = "persim-ensemble/1"
+
+
+class PerSimEnsemble(nn.Module):
+    """M PerSim simulators over one env's agents; implements ``DynamicsModel``.
+
+    ``agent_factor=False`` replaces u(n) by one learned vector shared by all agents: the
+    same network without personalisation (the ablation "a model without the agent factor").
+    """
+
+    def __init__(self, env: str, n_agents: int, rank: int, n_members: int = 5, state_hidden: list[int] = (256,),
+                 action_hidden: list[int] = (256, 256), normalize: bool = True, agent_factor: bool = True, seed: int = 0):
+        super().__init__()
+        family = get_env(env)
+        self.config = dict(env=env, n_agents=int(n_agents), rank=int(rank), n_members=int(n_members),
+                           state_hidden=list(state_hidden), action_hidden=list(action_hidden),
+                           normalize=bool(normalize), agent_factor=bool(agent_factor), seed=int(seed))
+        self.env, self.n_members, self.rank, self.obs_dim = env, n_members, rank, family.obs_dim
+        self.discrete = family.discrete
+        gen = torch.Generator().manual_seed(seed)
+        # One-hot tables initialised like nn.Linear on a one-hot input (authors' code: Linear(n_agents -> r)).
+        self.agent_table = nn.Parameter(_uniform((n_members, n_agents if agent_factor else 1, rank), n_agents, gen))
+        self.state_encoder = EnsembleMLP(n_members, [family.obs_dim, *state_hidden, family.obs_dim * rank], gen)
+        if self.discrete:
+            self.action_table = nn.Parameter(_uniform((n_members, family.n_actions, rank), family.n_actions, gen))
+        else:
+            self.action_encoder = EnsembleMLP(n_members, [family.action_dim, *action_hidden, rank], gen)
+        # z-scoring statistics (identity unless ``set_normalizer`` is called); saved with the weights.
+        for name, fill in (("obs_mean", 0.0), ("obs_std", 1.0), ("delta_mean", 0.0), ("delta_std", 1.0)):
+            self.register_buffer(name, torch.full((family.obs_dim,), fill))
+
+    @classmethod
+    def from_spec(cls, spec: PersimSpec, env: str, n_agents: int, seed: int, agent_factor: bool = True) -> "PerSimEnsemble":
+        return cls(env, n_agents, per_env(spec.rank, env), spec.ensemble, per_env(spec.state_hidden, env),
+                   spec.action_hidden, per_env(spec.normalize, env), agent_factor, seed)
+
+    def set_normalizer(self, obs: torch.Tensor, delta: torch.Tensor) -> None:
+        """Use these rows' mean/std for inputs and targets; constant columns keep scale 1."""
+        for prefix, values in (("obs", obs), ("delta", delta)):
+            std = values.std(dim=0)
+            getattr(self, f"{prefix}_mean").copy_(values.mean(dim=0))
+            getattr(self, f"{prefix}_std").copy_(torch.where(std > 1e-8, std, torch.ones_like(std)))
+
+    def normalized(self, obs: torch.Tensor, delta: torch.Tensor | None = None):
+        """Raw states (and deltas) -> the scale the network works in."""
+        obs_z = (obs - self.obs_mean) / self.obs_std
+        return obs_z if delta is None else (obs_z, (delta - self.delta_mean) / self.delta_std)
+
+    def forward(self, obs_z: torch.Tensor, action: torch.Tensor, agent: torch.Tensor) -> torch.Tensor:
+        """Normalised delta [M, B, D] from normalised states [M, B, D] or [B, D] (shared by members).
+
+        ``action`` / ``agent`` are [B] (shared) or [M, B] (per member, as in training).
+        """
+        v = self.state_encoder(obs_z)                                     # [M, B, D * r]
+        u = self._lookup(self.agent_table, agent)                          # [M, B, r] or [M, 1, r]
+        w = self._lookup(self.action_table, action) if self.discrete else self.action_encoder(action)
+        coef = (u * w).unsqueeze(-1)                                       # [M, B, r, 1]
+        return torch.matmul(v.unflatten(-1, (self.obs_dim, self.rank)), coef).squeeze(-1)
+
+    @staticmethod
+    def _lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        if table.shape[1] == 1:  # the shared vector of the no-agent-factor ablation
+            return table
+        if index.dim() == 1:
+            return table[:, index]
+        return table[torch.arange(len(table), device=table.device)[:, None], index]
+
+    def step(self, obs: torch.Tensor, action: torch.Tensor, agent: torch.Tensor) -> torch.Tensor:
+        """obs [M, B, D] raw, action [B] long or [B, A], agent [B] long -> next obs [M, B, D] raw."""
+        delta = self(self.normalized(obs), action, agent)
+        return obs + self.delta_mean + self.delta_std * delta
+
+    def agent_factors(self) -> np.ndarray:
+        """Learned u(n) for every member and agent, [M, n_agents, r] (Figure 1's t-SNE input)."""
+        table = self.agent_table.detach().cpu()
+        return table.expand(-1, self.config["n_agents"], -1).numpy().copy()
+
+    def save(self, path) -> None:
+        """A dict of tensors plus a JSON-able header: loadable with weights_only=True, no pickled objects."""
+        state = {name: tensor.detach().cpu() for name, tensor in self.state_dict().items()}
+        torch.save({"format": FORMAT, "config": self.config, "state": state}, path)
+
+    @classmethod
+    def load(cls, path, device: str | torch.device = "cpu") -> "PerSimEnsemble":
+        saved = torch.load(path, map_location=device, weights_only=True)
+        if saved.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a saved PerSim ensemble (format {saved.get('format')!r})")
+        model = cls(**saved["config"]).to(device)
+        model.load_state_dict(saved["state"])
+        return model.eval()
+
+
+def _uniform(shape: tuple[int, ...], fan_in: int, gen: torch.Generator) -> torch.Tensor:
+    bound = fan_in ** -0.5
+    return torch.empty(shape).uniform_(-bound, bound, generator=gen)
+
+
+def fit_persim(data: Transitions, spec: PersimSpec, seed: int, *, holdout: float = 0.0,
+               on_epoch: Callable[[int, dict], None] | None = None, device: str | torch.device = "cpu",
+               agent_factor: bool = True) -> tuple[PerSimEnsemble, dict]:
+    """Train spec.ensemble PerSim members on ``data`` (paper Algorithm 1), all in one batched model.
+
+    ``holdout`` keeps that fraction of transitions out of training (random rows, as in the
+    paper's rank cross-validation) and reports ``val_loss`` on them. Losses are mean squared
+    errors of the (normalised) delta, averaged over members. Every random draw derives from
+    ``seed``. Returns the model in eval mode and the final metrics.
+    """
+    if not 0.0 <= holdout < 1.0:
+        raise ValueError(f"holdout must be in [0, 1), got {holdout}")
+    started = time.perf_counter()
+    split_seed, init_seed, shuffle_seed = np.random.SeedSequence(seed).generate_state(3)
+    order = np.random.default_rng(split_seed).permutation(len(data))
+    n_val = int(round(holdout * len(data)))
+    val_rows, train_rows = torch.as_tensor(order[:n_val], device=device), torch.as_tensor(order[n_val:], device=device)
+    if len(train_rows) == 0:
+        raise ValueError("no transitions left to train on")
+
+    model = PerSimEnsemble.from_spec(spec, data.env, data.n_agents, int(init_seed), agent_factor).to(device)
+    obs = torch.as_tensor(data.obs, dtype=torch.float32, device=device)
+    delta = torch.as_tensor(data.next_obs, dtype=torch.float32, device=device) - obs
+    if model.config["normalize"]:
+        model.set_normalizer(obs[train_rows], delta[train_rows])
+    obs_z, target = model.normalized(obs, delta)  # once for the whole dataset, not per step
+    action = torch.as_tensor(data.action, device=device)
+    action = action.long() if model.discrete else action.float()
+    agent = torch.as_tensor(data.agent, dtype=torch.long, device=device)
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr)
+    schedule = (torch.optim.lr_scheduler.StepLR(optimizer, spec.lr_halving_epochs, gamma=0.5)
+                if spec.lr_halving_epochs else None)
+    shuffle = torch.Generator(device=device).manual_seed(int(shuffle_seed))
+    members, n_train = model.n_members, len(train_rows)
+    metrics: dict = {}
+    model.train()
+    for epoch in range(spec.epochs):
+        # An independent permutation per member: row perm[m, i] is member m's i-th sample.
+        perm = train_rows[torch.argsort(torch.rand(members, n_train, generator=shuffle, device=device), dim=1)]
+        total = torch.zeros((), device=device)
+        for start in range(0, n_train, spec.batch_size):
+            rows = perm[:, start:start + spec.batch_size]
+            error = model(obs_z[rows], action[rows], agent[rows]) - target[rows]
+            # Sum of per-member means: each member gets exactly the gradient of its own fit.
+            loss = error.square().mean(dim=(1, 2)).sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach() * rows.shape[1]
+        if schedule:
+            schedule.step()
+        metrics = {"train_loss": total.item() / (n_train * members)}
+        if n_val:
+            metrics["val_loss"] = _loss(model, obs_z[val_rows], action[val_rows], agent[val_rows], target[val_rows])
+        if on_epoch:
+            on_epoch(epoch, dict(metrics))
+    model.eval()
+    return model, {**metrics, "fit_seconds": time.perf_counter() - started}
+
+
+@torch.no_grad()
+def _loss(model: PerSimEnsemble, obs_z, action, agent, target, chunk: int = 16384) -> float:
+    """Mean squared normalised-delta error over rows and members, in chunks to bound memory."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for start in range(0, len(target), chunk):
+        part = slice(start, start + chunk)
+        total += (model(obs_z[part], action[part], agent[part]) - target[part]).square().mean(dim=2).sum().item()
+    model.train(was_training)
+    return total / (len(target) * model.n_members)

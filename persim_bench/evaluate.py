@@ -1,0 +1,107 @@
+"""The one evaluation path for every algorithm: prediction error and episode reward.
+
+Both run all (test agent x trajectory) pairs together in one batched real simulator.
+Prediction error (paper Sec. 6.2, App. F): from an observed state, roll the model open loop
+under the test policy's recorded actions and compare with what the real agent did: mean RMSE
+over trajectories and median R^2 (variance-weighted over state dimensions, as the authors).
+Reward (Sec. 6.3): undiscounted return of a policy acting on the real env.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from persim_bench.algos.base import DynamicsModel
+from persim_bench.data.behaviour import BehaviourPolicy
+from persim_bench.envs.base import EnvFamily
+
+# (obs [E, D], agent [E]) -> actions [E] or [E, A]: an MPC planner or a model-free policy.
+ActFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def record_test_trajectories(family: EnvFamily, covariates: np.ndarray, agents: list[int], policy: BehaviourPolicy,
+                             per_agent: int, steps: int, rng: np.random.Generator):
+    """Real trajectories: obs [E, steps+1, D], actions [E, steps(, A)], alive [E, steps+1], agent [E].
+
+    ``alive[:, t]`` is False once the episode ended at or before state t (no step is taken from it).
+    """
+    agent = np.repeat(np.asarray(agents), per_agent)
+    sim = family.batch(covariates[agent])
+    obs = [sim.reset(rng)]
+    actions, alive = [], [np.ones(len(agent), dtype=bool)]
+    for _ in range(steps):
+        action = policy.act(obs[-1], rng)
+        next_obs, _, terminated = sim.step(action)
+        actions.append(action)
+        obs.append(next_obs)
+        alive.append(alive[-1] & ~terminated)
+    return np.stack(obs, 1), np.stack(actions, 1), np.stack(alive, 1), agent
+
+
+@torch.no_grad()
+def open_loop(model: DynamicsModel, start: np.ndarray, actions: np.ndarray, agent: np.ndarray) -> np.ndarray:
+    """Each member rolls its own trajectory from start [E, D]; returns the member mean [E, H, D]."""
+    state = torch.as_tensor(start, dtype=torch.float32).expand(model.n_members, *start.shape).contiguous()
+    agent_t = torch.as_tensor(agent, dtype=torch.long)
+    predicted = []
+    for t in range(actions.shape[1]):
+        state = model.step(state, torch.as_tensor(actions[:, t]), agent_t)
+        predicted.append(state.mean(dim=0))
+    return torch.stack(predicted, 1).numpy()
+
+
+def prediction_error(model: DynamicsModel, family: EnvFamily, covariates: np.ndarray, agents: list[int],
+                     policy: BehaviourPolicy, trajectories: int, steps: int, burn_in: int, seed: int) -> dict:
+    """Per test agent: mean RMSE and median R^2 of ``steps``-step open-loop predictions."""
+    rng = np.random.default_rng(seed)
+    obs, actions, alive, agent = record_test_trajectories(
+        family, covariates, agents, policy, trajectories, burn_in + steps, rng)
+    truth = obs[:, burn_in + 1:]
+    predicted = open_loop(model, obs[:, burn_in], actions[:, burn_in:], agent)
+    valid = alive[:, burn_in:-1]  # state t+1 was really reached iff the episode still ran at t
+    squared = np.where(valid[..., None], (predicted - truth) ** 2, np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rmse = np.sqrt(np.nanmean(squared, axis=(1, 2)))
+        truth_masked = np.where(valid[..., None], truth, np.nan)
+        centred = (truth_masked - np.nanmean(truth_masked, axis=1, keepdims=True)) ** 2
+        r2 = 1 - np.nansum(squared, axis=(1, 2)) / np.nansum(centred, axis=(1, 2))
+    metrics = {}
+    for a in agents:
+        usable = (agent == a) & (valid.sum(1) >= 2)  # R^2 needs at least two observed steps
+        metrics[f"rmse_agent{a}"] = float(np.mean(rmse[usable])) if usable.any() else float("nan")
+        metrics[f"r2_agent{a}"] = float(np.median(r2[usable])) if usable.any() else float("nan")
+        metrics[f"pred_trajectories_agent{a}"] = int(usable.sum())
+    metrics["rmse_mean"] = float(np.nanmean([metrics[f"rmse_agent{a}"] for a in agents]))
+    return metrics
+
+
+def episode_rewards(act: ActFn, family: EnvFamily, covariates: np.ndarray, agents: list[int], episodes: int,
+                    max_steps: int, seed: int, on_step: Callable[[int], None] | None = None) -> dict:
+    """Per test agent: mean undiscounted return over ``episodes`` episodes, all run in lock-step."""
+    rng = np.random.default_rng(seed)
+    agent = np.repeat(np.asarray(agents), episodes)
+    sim = family.batch(covariates[agent])
+    obs = sim.reset(rng)
+    returns = np.zeros(len(agent))
+    alive = np.ones(len(agent), dtype=bool)
+    lengths = np.zeros(len(agent), dtype=np.int64)
+    for t in range(max_steps):
+        # Finished episodes still get an action (cheap, keeps shapes fixed) but earn nothing.
+        obs, reward, terminated = sim.step(act(obs, agent))
+        returns += reward * alive
+        lengths += alive
+        alive &= ~terminated
+        if on_step:
+            on_step(t)
+        if not alive.any():
+            break
+    metrics = {}
+    for a in agents:
+        mine = agent == a
+        metrics[f"reward_agent{a}"] = float(returns[mine].mean())
+        metrics[f"reward_std_agent{a}"] = float(returns[mine].std())
+        metrics[f"length_agent{a}"] = float(lengths[mine].mean())
+    metrics["reward_mean"] = float(np.mean([metrics[f"reward_agent{a}"] for a in agents]))
+    return metrics

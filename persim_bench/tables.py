@@ -1,0 +1,136 @@
+"""MLflow -> the paper's tables: prediction error (Tables 2-4) and reward (Tables 5-7) per env.
+
+Reads every trial run of the grid's experiment, keeps the latest run of each trial name (so
+narrowed or repeated invocations add up), and writes Markdown, CSV and LaTeX to
+``results/<grid>/``, also logged as artifacts on the newest parent run.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from persim_bench.config import REGIMES, Grid
+from persim_bench.envs import get_env
+from persim_bench.orchestrate import experiment_name
+
+METHOD_LABELS = {"persim": "PerSim", "true_env_mpc": "True env + MPC"}
+
+
+def agent_label(env: str, agent: int) -> str:
+    family = get_env(env)
+    values = family.test_agents[agent]
+    return ", ".join(f"{n}={v:g}" for n, v in zip(family.covariate_names, values))
+
+
+def latest_trial_runs(client, experiment_id: str) -> list:
+    """The newest run per trial name, finished or failed."""
+    runs = client.search_runs([experiment_id], filter_string="tags.trial != ''", max_results=50000,
+                              order_by=["attributes.start_time DESC"])
+    newest = {}
+    for run in runs:
+        newest.setdefault(run.data.tags["trial"], run)
+    return list(newest.values())
+
+
+def _row_order(key: tuple[str, str]) -> tuple:
+    regime, method = key
+    methods = list(METHOD_LABELS)
+    return (REGIMES.index(regime) if regime in REGIMES else len(REGIMES), methods.index(method) if method in methods else 99)
+
+
+def build_tables(runs: list, grid: Grid) -> dict[str, dict]:
+    """{table name: {"columns": [...], "rows": [[...], ...]}} for every env of the grid."""
+    agents = grid.evaluation.test_agents
+    tables = {}
+    for env in grid.envs:
+        groups: dict[tuple[str, str], list] = defaultdict(list)
+        for run in runs:
+            tags = run.data.tags
+            if tags.get("env") == env and run.info.status == "FINISHED":
+                groups[tags["regime"], tags["algo"]].append(run.data.metrics)
+        columns = ["regime", "method"] + [agent_label(env, a) for a in agents]
+        prediction, reward = [], []
+        for key in sorted(groups, key=_row_order):
+            regime, algo = key
+            seeds = groups[key]
+            label = [regime if regime != "none" else "-", METHOD_LABELS.get(algo, algo)]
+            if all(f"rmse_agent{a}" in m for m in seeds for a in agents):
+                prediction.append(label + [
+                    f"{_mean(seeds, f'rmse_agent{a}'):.4g} ({_mean(seeds, f'r2_agent{a}'):.3f})" for a in agents])
+            if all(f"reward_agent{a}" in m for m in seeds for a in agents):
+                reward.append(label + [_mean_std(seeds, f"reward_agent{a}") for a in agents])
+        tables[f"prediction_{env}"] = {"title": f"Prediction error, {env}: mean RMSE (median R^2) over "
+                                                f"{grid.evaluation.prediction_steps}-step open-loop predictions",
+                                       "columns": columns, "rows": prediction}
+        tables[f"reward_{env}"] = {"title": f"Reward, {env}: mean +- std over seeds of the mean over "
+                                            f"{grid.evaluation.reward_episodes} episodes",
+                                   "columns": columns, "rows": reward}
+    return tables
+
+
+def _mean(metrics: list[dict], key: str) -> float:
+    values = [m[key] for m in metrics if not math.isnan(m[key])]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def _mean_std(metrics: list[dict], key: str) -> str:
+    values = [m[key] for m in metrics]
+    return f"{np.mean(values):.4g} +- {np.std(values):.3g}" if len(values) > 1 else f"{values[0]:.4g}"
+
+
+def to_markdown(table: dict) -> str:
+    if not table["rows"]:
+        return f"**{table['title']}**\n\n(no finished trials)\n"
+    lines = [f"**{table['title']}**", "", "| " + " | ".join(table["columns"]) + " |",
+             "|" + "---|" * len(table["columns"])]
+    lines += ["| " + " | ".join(row) + " |" for row in table["rows"]]
+    return "\n".join(lines) + "\n"
+
+
+def to_latex(table: dict) -> str:
+    escape = lambda text: text.replace("_", r"\_").replace("+-", r"$\pm$").replace("^2", r"$^2$")
+    lines = [r"\begin{tabular}{ll" + "c" * (len(table["columns"]) - 2) + "}", r"\toprule",
+             " & ".join(map(escape, table["columns"])) + r" \\", r"\midrule"]
+    lines += [" & ".join(map(escape, row)) + r" \\" for row in table["rows"]]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return f"% {escape(table['title'])}\n" + "\n".join(lines) + "\n"
+
+
+def failed_trials(runs: list) -> list[str]:
+    return sorted(f"{r.data.tags['trial']}: {r.data.tags.get('error', 'no error recorded')}"
+                  for r in runs if r.info.status == "FAILED")
+
+
+def write_tables(grid: Grid, tracking_uri: str, results: Path) -> Path:
+    """Write every table of the grid to results/<grid>/ and log them on the newest parent run."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name(grid))
+    if experiment is None:
+        raise SystemExit(f"persim-bench: no MLflow experiment {experiment_name(grid)!r} at {tracking_uri}; "
+                         f"run `persim-bench run --grid {grid.name}` first")
+    runs = latest_trial_runs(client, experiment.experiment_id)
+    out = results / grid.name
+    out.mkdir(parents=True, exist_ok=True)
+    tables = build_tables(runs, grid)
+    summary = [f"# {grid.name}: tables\n"]
+    for name, table in tables.items():
+        (out / f"{name}.md").write_text(to_markdown(table))
+        (out / f"{name}.tex").write_text(to_latex(table))
+        with open(out / f"{name}.csv", "w", newline="") as f:
+            csv.writer(f).writerows([table["columns"], *table["rows"]])
+        summary.append(to_markdown(table))
+    failures = failed_trials(runs)
+    if failures:
+        summary.append("**Failed trials**\n\n" + "\n".join(f"- {line}" for line in failures) + "\n")
+    (out / "tables.md").write_text("\n".join(summary))
+    parents = client.search_runs([experiment.experiment_id], filter_string="tags.`persim_bench.parent` = '1'",
+                                 order_by=["attributes.start_time DESC"], max_results=1)
+    if parents:
+        client.log_artifacts(parents[0].info.run_id, str(out), artifact_path="tables")
+    return out

@@ -1,0 +1,89 @@
+"""What one Tune trial does for each algorithm: fit (if it learns), then the shared evaluation."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from persim_bench.config import Grid, per_env
+from persim_bench.data.behaviour import PREDICTION_POLICY_NAME, prediction_policy
+from persim_bench.data.dataset import read_dataset
+from persim_bench.envs import get_env
+from persim_bench.envs.base import EnvFamily
+from persim_bench.evaluate import episode_rewards, prediction_error
+from persim_bench.planning import MPCPlanner
+
+Report = Callable[[dict], None]
+
+
+def test_covariates(family: EnvFamily) -> np.ndarray:
+    """Covariates of agents 0-4: the paper's test agents, the first rows of every dataset."""
+    return np.asarray(family.test_agents, dtype=np.float64)
+
+
+def evaluate_model(model, grid: Grid, family: EnvFamily, seed: int, report: Report) -> dict:
+    """Prediction error and MPC reward of a learned dynamics model, on the test agents."""
+    spec, agents = grid.evaluation, grid.evaluation.test_agents
+    covariates = test_covariates(family)
+    metrics = prediction_error(model, family, covariates, agents, prediction_policy(family, seed),
+                               spec.prediction_trajectories, spec.prediction_steps, spec.burn_in, seed)
+    metrics["prediction_policy"] = PREDICTION_POLICY_NAME
+    metrics.update(plan_and_score(model, grid, family, seed, report))
+    return metrics
+
+
+def plan_and_score(model, grid: Grid, family: EnvFamily, seed: int, report: Report) -> dict:
+    spec = grid.evaluation
+    planner = MPCPlanner(family, model, grid.planner, seed)
+    steps = spec.episode_steps(family.name)
+    progress = max(1, steps // 10)
+    return episode_rewards(
+        planner.act, family, test_covariates(family), spec.test_agents, spec.reward_episodes, steps, seed,
+        on_step=lambda t: report({"stage": "reward", "episode_step": t + 1}) if (t + 1) % progress == 0 else None,
+    )
+
+
+def run_persim(grid: Grid, trial: dict, data_root: Path, report: Report) -> dict:
+    from persim_bench.algos.persim import fit_persim
+
+    family = get_env(trial["env"])
+    data = read_dataset(data_root, trial["env"], trial["regime"])
+    check_test_agents(data.covariates, family)
+    spec = grid.persim.model_copy(update={"rank": trial["rank"]})
+    model, fit_metrics = fit_persim(
+        data, spec, trial["seed"],
+        on_epoch=lambda epoch, m: report({"stage": "fit", "epoch": epoch + 1, **m}))
+    return {**fit_metrics, **evaluate_model(model, grid, family, trial["seed"], report)}
+
+
+def run_true_env_mpc(grid: Grid, trial: dict, data_root: Path, report: Report) -> dict:
+    from persim_bench.algos.true_env import TrueEnvModel
+
+    family = get_env(trial["env"])
+    return plan_and_score(TrueEnvModel(family, test_covariates(family)), grid, family, trial["seed"], report)
+
+
+def check_test_agents(covariates: np.ndarray, family: EnvFamily) -> None:
+    if not np.allclose(covariates[: len(family.test_agents)], family.test_agents):
+        raise ValueError(f"{family.name}: the dataset's agents 0-4 are not the paper's test agents")
+
+
+RUNNERS = {"persim": run_persim, "true_env_mpc": run_true_env_mpc}
+
+
+def trial_configs(grid: Grid) -> list[dict]:
+    """One trial per (algo, env, regime, seed[, rank]) with a deterministic name; data-free algos skip regime."""
+    trials = []
+    for algo in grid.algos:
+        for env in grid.envs:
+            for regime in grid.regimes if algo != "true_env_mpc" else ["none"]:
+                for seed in grid.seeds:
+                    trial = {"algo": algo, "env": env, "regime": regime, "seed": seed}
+                    if algo == "persim":
+                        trial["rank"] = per_env(grid.persim.rank, env)
+                    parts = [algo.replace("_", "-"), env] + ([regime] if regime != "none" else [])
+                    parts += [f"r{trial['rank']}"] if "rank" in trial else []
+                    trial["name"] = "-".join(parts + [f"s{seed}"])
+                    trials.append(trial)
+    return trials
