@@ -9,6 +9,19 @@ from persim_bench.config import GridError, load_grid
 from persim_bench.data.dataset import DatasetError
 
 
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds on a host:port nobody answers (ray.init would wait minutes for the GCS)."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise SystemExit(f"persim-bench: --address {address}: expected local, auto, host:port or ray://host:port")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise SystemExit(f"persim-bench: cannot reach Ray at --address {address}: {err}") from None
+
+
 def connect_ray(address: str) -> None:
     """``local`` starts Ray on this machine; anything else (``auto``, ``ray://...``) attaches."""
     import logging
@@ -17,6 +30,8 @@ def connect_ray(address: str) -> None:
 
     if ray.is_initialized():
         return
+    if address not in ("local", "auto"):
+        check_reachable(address)
     try:
         if address == "local":
             ray.init(include_dashboard=False, logging_level=logging.WARNING, configure_logging=True)

@@ -4,6 +4,10 @@ M members then train and predict in one matmul per layer instead of M small ones
 is what makes a 5-model ensemble cost about as much as one model on a CPU. Each member is
 initialised like ``torch.nn.Linear`` (uniform in +-1/sqrt(fan_in)), from a caller's
 generator so a seed fixes every member.
+
+Weights are stored [M, out, in] and activations computed as W @ x^T, i.e. feature-major
+[M, out, B] underneath the [M, B, out] views callers see: on CPU (MKL) this is 2-4x faster
+than x @ W for the skinny output layers (D x r columns) these models end with.
 """
 from __future__ import annotations
 
@@ -19,13 +23,17 @@ class EnsembleLinear(nn.Module):
     def __init__(self, n_members: int, in_features: int, out_features: int, generator: torch.Generator | None = None):
         super().__init__()
         bound = 1.0 / math.sqrt(in_features)
-        self.weight = nn.Parameter(torch.empty(n_members, in_features, out_features).uniform_(-bound, bound, generator=generator))
-        self.bias = nn.Parameter(torch.empty(n_members, 1, out_features).uniform_(-bound, bound, generator=generator))
+        self.weight = nn.Parameter(torch.empty(n_members, out_features, in_features).uniform_(-bound, bound, generator=generator))
+        self.bias = nn.Parameter(torch.empty(n_members, out_features, 1).uniform_(-bound, bound, generator=generator))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2:  # one input for every member: broadcasting matmul, no copy per member
-            return torch.matmul(x, self.weight) + self.bias
-        return torch.baddbmm(self.bias, x, self.weight)
+        return self.feature_major(x.transpose(-2, -1)).transpose(1, 2)
+
+    def feature_major(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, in, B] (or [in, B], shared by all members) -> [M, out, B]."""
+        if x.dim() == 2:  # a single [M*out, in] @ [in, B] product
+            return torch.matmul(self.weight, x).add_(self.bias)
+        return torch.baddbmm(self.bias, self.weight, x)
 
 
 class EnsembleMLP(nn.Module):
@@ -37,6 +45,11 @@ class EnsembleMLP(nn.Module):
             EnsembleLinear(n_members, fan_in, fan_out, generator) for fan_in, fan_out in zip(sizes[:-1], sizes[1:]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, B, in] (or [B, in]) -> [M, B, out]."""
+        return self.feature_major(x.transpose(-2, -1)).transpose(1, 2)
+
+    def feature_major(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, in, B] (or [in, B]) -> [M, out, B]; hidden activations stay contiguous in this layout."""
         for layer in self.layers[:-1]:
-            x = torch.relu(layer(x))
-        return self.layers[-1](x)
+            x = torch.relu_(layer.feature_major(x))  # in place: saves a [M, hidden, B] allocation per layer
+        return self.layers[-1].feature_major(x)

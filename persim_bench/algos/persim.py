@@ -79,11 +79,11 @@ class PerSimEnsemble(nn.Module):
 
         ``action`` / ``agent`` are [B] (shared) or [M, B] (per member, as in training).
         """
-        v = self.state_encoder(obs_z)                                     # [M, B, D * r]
+        v = self.state_encoder.feature_major(obs_z.transpose(-2, -1))     # [M, D * r, B]
         u = self._lookup(self.agent_table, agent)                          # [M, B, r] or [M, 1, r]
         w = self._lookup(self.action_table, action) if self.discrete else self.action_encoder(action)
-        coef = (u * w).unsqueeze(-1)                                       # [M, B, r, 1]
-        return torch.matmul(v.unflatten(-1, (self.obs_dim, self.rank)), coef).squeeze(-1)
+        coef = (u * w).transpose(1, 2).unsqueeze(1)                        # [M, 1, r, B]
+        return (v.unflatten(1, (self.obs_dim, self.rank)) * coef).sum(2).transpose(1, 2)
 
     @staticmethod
     def _lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,102 @@
+"""`persim-bench run` end to end on a real local Ray cluster, Ray Tune trials and MLflow on SQLite."""
+import subprocess
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from persim_bench import cli
+from persim_bench.config import GridError, load_grid
+
+TINY = {
+    "name": "tiny-pipeline",
+    "seed": 0,
+    "envs": ["cartpole"],
+    "regimes": ["random"],
+    "algos": ["persim", "true_env_mpc"],
+    "seeds": [0],
+    "data": {"n_agents": 8, "agents_per_shard": 8},
+    "persim": {"epochs": 2, "ensemble": 2, "state_hidden": [16], "rank": 2},
+    "planner": {"horizon": 5, "candidates": 20, "elites": 5},
+    "evaluation": {"prediction_trajectories": 2, "prediction_steps": 10, "burn_in": 2, "reward_episodes": 1,
+                   "max_steps": {"cartpole": 20}},
+}
+
+
+def _runs(results, name="tiny-pipeline"):
+    client = MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(f"persim-bench/{name}")
+    return client, client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+def test_run_logs_every_trial_under_one_parent_and_writes_tables(ray_cluster, write_grid, tmp_path):
+    grid = write_grid(TINY)
+    results = tmp_path / "results"
+    cli.main(["run", "--grid", str(grid), "--results", str(results)])
+
+    client, runs = _runs(results)
+    parents = [r for r in runs if r.data.tags.get("persim_bench.parent") == "1"]
+    children = [r for r in runs if "trial" in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(r.data.tags["trial"] for r in children) == ["persim-cartpole-random-r2-s0", "true-env-mpc-cartpole-s0"]
+    for run in children:
+        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert run.info.status == "FINISHED"
+        assert "reward_agent0" in run.data.metrics and run.data.params["env"] == "cartpole"
+    persim = next(r for r in children if r.data.tags["algo"] == "persim")
+    assert "rmse_agent4" in persim.data.metrics and persim.data.params["persim.rank"] == "2"
+    assert persim.data.tags["prediction_policy"] == "heuristic-eps10"
+
+    table = (results / "tiny-pipeline" / "reward_cartpole.md").read_text()
+    assert "| random | PerSim |" in table and "| - | True env + MPC |" in table
+    assert "random,PerSim," in (results / "tiny-pipeline" / "prediction_cartpole.csv").read_text()
+    for suffix in ("md", "csv", "tex"):
+        assert (results / "tiny-pipeline" / f"prediction_cartpole.{suffix}").exists()
+    artifacts = [a.path for a in client.list_artifacts(parents[0].info.run_id, "tables")]
+    assert "tables/reward_cartpole.md" in artifacts
+    assert (tmp_path / "results" / "ray").is_dir()  # Tune's storage under results/
+
+
+def test_a_failed_trial_is_recorded_and_the_grid_goes_on(ray_cluster, write_grid, tmp_path):
+    grid = write_grid({**TINY, "name": "tiny-failing"})
+    results = tmp_path / "results"
+    cli.main(["run", "--grid", str(grid), "--results", str(results), "--algo", "true_env_mpc"])
+    shard = next((results / "datasets" / "tiny-failing" / "cartpole" / "random").glob("part-*.parquet"))
+    shard.write_bytes(b"not parquet")  # corrupt the data PerSim needs; True env + MPC needs none
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["run", "--grid", str(grid), "--results", str(results)])
+    assert exit_.value.code == 1
+    _, runs = _runs(results, "tiny-failing")
+    latest = {}
+    for run in sorted(runs, key=lambda r: r.info.start_time):
+        if "trial" in run.data.tags:
+            latest[run.data.tags["trial"]] = run
+    failed = latest["persim-cartpole-random-r2-s0"]
+    assert failed.info.status == "FAILED"
+    assert "content does not match the manifest" in failed.data.tags["error"]
+    assert latest["true-env-mpc-cartpole-s0"].info.status == "FINISHED"
+    tables = (results / "tiny-failing" / "tables.md").read_text()
+    assert "Failed trials" in tables and "persim-cartpole-random-r2-s0: DatasetError" in tables
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"algos": ["persim", "dreamer"]}, "algos: unknown algorithm 'dreamer'"),
+    ({"persim": {"rank": 0}}, "persim.rank"),
+    ({"persim": {"rank": {"cartpole": -3}}}, "persim.rank"),
+])
+def test_bad_grids_fail_before_ray(write_grid, change, message):
+    with pytest.raises(GridError, match=message):
+        load_grid(write_grid({**TINY, **change}))
+
+
+def test_unreachable_address_and_missing_dataset_give_one_line(tmp_path, write_grid):
+    grid = write_grid(TINY)
+    done = subprocess.run([sys.executable, "-m", "persim_bench.cli", "run", "--grid", str(grid),
+                           "--results", str(tmp_path / "r"), "--address", "127.0.0.1:1"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1].startswith("persim-bench: cannot reach Ray at --address 127.0.0.1:1")
+    done = subprocess.run([sys.executable, "-m", "persim_bench.cli", "tables", "--grid", str(grid),
+                           "--results", str(tmp_path / "empty")], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "no MLflow experiment" in done.stderr
