@@ -135,6 +135,86 @@ def data_benchmarks(quick: bool) -> list[dict]:
     return rows
 
 
+def persim_data(env: str, n_agents: int, steps: int):
+    """A random-regime dataset recorded in-process (no Ray): the training input of the model benchmarks."""
+    from persim_bench.data.generate import DatasetPlan, record_shard
+
+    plan = DatasetPlan(env, "random", 0, n_agents, steps, n_agents)
+    data = record_shard(plan, 0)
+    data.covariates = plan.covariates()
+    return data
+
+
+def ensemble_batched_vs_sequential(env: str, n_agents: int, steps: int, state_hidden: list[int], epochs: int) -> dict:
+    """M=5 members trained as one batched module vs five single-member fits of the same steps."""
+    from persim_bench.algos.persim import fit_persim
+    from persim_bench.config import PersimSpec
+
+    data = persim_data(env, n_agents, steps)
+    spec = PersimSpec(epochs=epochs, ensemble=5, state_hidden=state_hidden)
+    batched = timed(lambda: fit_persim(data, spec, seed=0), repeats=1)
+    single = spec.model_copy(update={"ensemble": 1})
+    sequential = timed(lambda: [fit_persim(data, single, seed=m) for m in range(5)], repeats=1)
+    return {"what": f"{env}: PerSim ensemble of 5 batched vs 5 sequential fits ({len(data):,} transitions, "
+                    f"{epochs} epochs, state MLP {state_hidden})",
+            "ours_s": batched, "baseline_s": sequential, "ratio": sequential / batched, "target": 3.0}
+
+
+def matmul_flops_per_second(rows: int = 8192, width: int = 512) -> float:
+    """This machine's dense float32 matmul rate at the planner's shapes: the limit for model rollouts."""
+    import torch
+
+    a, b = torch.randn(rows, width), torch.randn(width, width)
+    seconds = timed(lambda: [torch.mm(a, b) for _ in range(20)])
+    return 20 * 2 * rows * width * width / seconds
+
+
+def planner_throughput_vs_matmul(rows: int) -> dict:
+    """HalfCheetah-sized PerSim (paper sizes, rank 20, M=5) model steps per second, as a share of the matmul limit."""
+    import torch
+
+    from persim_bench.algos.persim import PerSimEnsemble
+
+    family = get_env("halfcheetah")
+    model = PerSimEnsemble("halfcheetah", 500, 20, 5, [256, 512, 512], [256, 256]).eval()
+    per_member = rows // 5
+    obs, action = torch.randn(5, per_member, family.obs_dim), torch.rand(per_member, family.action_dim) * 2 - 1
+    agent = torch.zeros(per_member, dtype=torch.long)
+    flops = 5 * per_member * sum(2 * p.shape[-1] * p.shape[-2] for n, p in model.named_parameters()
+                                 if n.endswith("weight"))
+    with torch.no_grad():
+        seconds = timed(lambda: [model.step(obs, action, agent) for _ in range(10)]) / 10
+    achieved, limit = flops / seconds, matmul_flops_per_second()
+    return {"what": f"planner model evaluations: HalfCheetah PerSim, {rows:,} rows/step "
+                    f"({rows / seconds:,.0f} evals/s, {achieved / 1e9:.1f} of {limit / 1e9:.1f} GFLOP/s matmul)",
+            "ours_s": seconds, "baseline_s": flops / limit, "ratio": achieved / limit, "target": 0.5}
+
+
+def mpc_decision_latency(env: str) -> dict:
+    """One MPC decision for one episode at paper planner settings with a paper-size PerSim ensemble."""
+    import numpy as np
+
+    from persim_bench.algos.persim import PerSimEnsemble
+    from persim_bench.config import PersimSpec, PlannerSpec
+    from persim_bench.planning import MPCPlanner
+
+    family = get_env(env)
+    model = PerSimEnsemble.from_spec(PersimSpec(), env, 500, seed=0).eval()
+    planner = MPCPlanner(family, model, PlannerSpec(), seed=0)
+    obs = family.batch(np.asarray([family.default_covariates])).reset(np.random.default_rng(0))
+    seconds = timed(lambda: planner.act(obs, np.zeros(1, dtype=np.int64)))
+    return {"what": f"{env}: one MPC decision, paper settings (PerSim M=5)", "seconds": seconds}
+
+
+def model_benchmarks(quick: bool) -> list[dict]:
+    scale = 0.2 if quick else 1.0
+    return [
+        ensemble_batched_vs_sequential("mountaincar", int(100 * scale), 500, [256], epochs=2),
+        ensemble_batched_vs_sequential("halfcheetah", int(50 * scale), 200, [256, 512, 512], epochs=1),
+        planner_throughput_vs_matmul(5 * 1000 if not quick else 1000),
+    ]
+
+
 def render(rows: list[dict]) -> str:
     lines = ["| benchmark | ours (s) | baseline (s) | ratio | target | met |", "|---|---|---|---|---|---|"]
     for r in rows:
@@ -144,14 +224,22 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+BENCHMARKS = {"data": data_benchmarks, "model": model_benchmarks}
+
+
 def main(what: str, quick: bool = False) -> None:
-    benchmarks = {"data": data_benchmarks}
-    print(render(benchmarks[what](quick)))
+    if what in BENCHMARKS:
+        print(render(BENCHMARKS[what](quick)))
+    else:  # "mpc": latencies, no ratio
+        print("| MPC decision | seconds |\n|---|---|")
+        for env in ("mountaincar", "cartpole", "halfcheetah"):
+            row = mpc_decision_latency(env)
+            print(f"| {row['what']} | {row['seconds']:.3f} |")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("what", choices=["data"])
+    parser.add_argument("what", choices=["data", "model", "mpc"])
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     main(args.what, args.quick)

@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     ui.set_defaults(func=cmd_ui)
 
     bench = commands.add_parser("bench", help="speed benchmarks (ratios against a baseline measured in the same run)")
-    bench.add_argument("what", choices=["data"], help="which benchmark")
+    bench.add_argument("what", choices=["data", "model", "mpc"], help="which benchmark")
     bench.add_argument("--quick", action="store_true", help="small sizes, for a fast check")
     bench.set_defaults(func=cmd_bench)
     return parser
