@@ -7,6 +7,7 @@ from pathlib import Path
 
 from persim_bench.config import GridError, load_grid
 from persim_bench.data.dataset import DatasetError
+from persim_bench.data.policies import PolicyError
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -49,19 +50,30 @@ def grid_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default="local", help="Ray address: local (default), auto or ray://host:port")
 
 
-def cmd_data(args) -> None:
+def prepare_data(grid, results: Path, workers: int | None = None) -> tuple[Path, Path]:
+    """The stages before the trials: policies (Ray tasks, cached) -> datasets (Ray actors)."""
     from persim_bench.data.generate import generate_datasets
+    from persim_bench.data.policies import train_policies
+    from persim_bench.tables import write_policy_table
 
+    policy_root, data_root = results / "policies", results / "datasets" / grid.name
+    print(f"[policies] {policy_root}")
+    headers = train_policies(grid, policy_root)
+    if headers:
+        write_policy_table(headers, results / grid.name)
+    print(f"[datasets] {data_root}")
+    generate_datasets(grid, data_root, policy_root, num_workers=workers)
+    return policy_root, data_root
+
+
+def cmd_data(args) -> None:
     grid = load_grid(args.grid).narrowed(args.env, args.regime)
-    root = Path(args.results).resolve() / "datasets" / grid.name
     connect_ray(args.address)
-    for folder in generate_datasets(grid, root, num_workers=args.workers):
-        print(folder)
+    prepare_data(grid, Path(args.results).resolve(), args.workers)
 
 
 def cmd_run(args) -> None:
     """datasets -> main (Tune) -> tables, with one MLflow parent run for the invocation."""
-    from persim_bench.data.generate import check_generatable, generate_datasets
     from persim_bench.orchestrate import RunContext, default_tracking_uri, run_main_stage, start_parent_run
     from persim_bench.tables import write_tables
 
@@ -69,15 +81,12 @@ def cmd_run(args) -> None:
     results = Path(args.results).resolve()
     tracking_uri = args.mlflow_uri or default_tracking_uri(results)
     storage = args.storage or str(results / "ray")
-    check_generatable(grid)
     connect_ray(args.address)
-
-    data_root = results / "datasets" / grid.name
-    print(f"[datasets] {data_root}")
-    generate_datasets(grid, data_root)
+    policy_root, data_root = prepare_data(grid, results)
 
     experiment_id, parent_run_id = start_parent_run(grid, tracking_uri, str(args.grid))
-    context = RunContext(grid.model_dump(), str(data_root), tracking_uri, experiment_id, parent_run_id)
+    context = RunContext(grid.model_dump(), str(data_root), str(policy_root), tracking_uri, experiment_id,
+                         parent_run_id)
     print(f"[main] MLflow {tracking_uri} (parent run {parent_run_id}); Tune storage {storage}")
     outcome = run_main_stage(grid, context, storage, name=f"{grid.name}-{parent_run_id[:8]}")
     failed = [r for r in outcome if r.error is not None]
@@ -85,7 +94,7 @@ def cmd_run(args) -> None:
     from mlflow.tracking import MlflowClient
 
     MlflowClient(tracking_uri).set_terminated(parent_run_id, "FAILED" if failed else "FINISHED")
-    out = write_tables(grid, tracking_uri, results)
+    out = write_tables(grid, tracking_uri, results, data_root)
     print((out / "tables.md").read_text())
     print(f"{len(outcome) - len(failed)} trials finished, {len(failed)} failed; tables in {out}; "
           f"browse with `persim-bench ui --results {args.results}`")
@@ -99,7 +108,8 @@ def cmd_tables(args) -> None:
 
     grid = load_grid(args.grid)
     results = Path(args.results).resolve()
-    out = write_tables(grid, args.mlflow_uri or default_tracking_uri(results), results)
+    out = write_tables(grid, args.mlflow_uri or default_tracking_uri(results), results,
+                       results / "datasets" / grid.name)
     print((out / "tables.md").read_text())
 
 
@@ -160,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (GridError, DatasetError, NotImplementedError) as err:
+    except (GridError, DatasetError, PolicyError) as err:
         sys.exit(f"persim-bench: {err}")
 
 

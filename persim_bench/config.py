@@ -17,6 +17,8 @@ from persim_bench.envs import ENVS
 REGIMES = ("pure", "random", "pure-eps-20", "pure-eps-40")
 # Algorithms this version runs; "true_env_mpc" needs no data, so it runs once per env x seed.
 ALGOS = ("persim", "true_env_mpc")
+# Algorithms that learn a dynamics model and so get the prediction-error test.
+MODEL_ALGOS = ("persim",)
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "tune_configs"
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -61,6 +63,15 @@ def per_env(value, env: str):
     return value
 
 
+def known_env_keys(value):
+    """A per-env setting may only name known envs."""
+    if isinstance(value, dict):
+        for env in value:
+            if env not in ENVS:
+                raise ValueError(f"unknown env {env!r}; known: {', '.join(ENVS)}")
+    return value
+
+
 class PersimSpec(Strict):
     """PerSim's model and training (paper App. D.1). Defaults are the paper's."""
 
@@ -82,11 +93,7 @@ class PersimSpec(Strict):
     @field_validator("rank", "state_hidden", "normalize")
     @classmethod
     def _env_keys(cls, value):
-        if isinstance(value, dict):
-            for env in value:
-                if env not in ENVS:
-                    raise ValueError(f"unknown env {env!r}; known: {', '.join(ENVS)}")
-        return value
+        return known_env_keys(value)
 
 
 class PlannerSpec(Strict):
@@ -113,6 +120,27 @@ class PlannerSpec(Strict):
         return self
 
 
+class PolicySpec(Strict):
+    """Online-trained policies (paper Sec. 6.1, App. E): DQN for discrete envs, TD3 for HalfCheetah.
+
+    Logging policies (one per policy-training agent) make the pure* regimes; test policies
+    (default agent) drive the prediction-error test. Budgets are environment steps.
+    """
+
+    budget: PositiveInt | dict[str, PositiveInt] = {"mountaincar": 300_000, "cartpole": 100_000, "halfcheetah": 300_000}
+    test_budget: PositiveInt | dict[str, PositiveInt] = {"mountaincar": 300_000, "cartpole": 100_000,
+                                                         "halfcheetah": 300_000}
+    hidden: list[PositiveInt] = [256, 256]
+    seed: Annotated[int, Field(ge=0)] = 0
+    # Parallel copies of the agent stepped together while training.
+    n_envs: PositiveInt = 8
+
+    @field_validator("budget", "test_budget")
+    @classmethod
+    def _env_keys(cls, value):
+        return known_env_keys(value)
+
+
 class EvaluationSpec(Strict):
     """Shared evaluation (paper Sec. 6.2-6.3, App. F)."""
 
@@ -122,6 +150,8 @@ class EvaluationSpec(Strict):
     # One-step burn-in before the open-loop window (authors' code: 10).
     burn_in: Annotated[int, Field(ge=0)] = 10
     reward_episodes: PositiveInt = 20
+    # Actions of the prediction test: the trained test policy (paper) or a hand-written controller.
+    prediction_policy: Literal["trained", "heuristic"] = "trained"
     # Episode cap for reward episodes; the paper's horizon when absent.
     max_steps: dict[str, PositiveInt] = {}
 
@@ -138,6 +168,7 @@ class Grid(Strict):
     # Repeats of every experiment (the paper: 5); each seed drives training, planning and evaluation.
     seeds: list[Annotated[int, Field(ge=0)]] = [0, 1, 2, 3, 4]
     data: DataSpec = DataSpec()
+    policies: PolicySpec = PolicySpec()
     persim: PersimSpec = PersimSpec()
     planner: PlannerSpec = PlannerSpec()
     evaluation: EvaluationSpec = EvaluationSpec()

@@ -23,6 +23,7 @@ class RunContext:
 
     grid: dict
     data_root: str
+    policy_root: str
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
@@ -76,7 +77,7 @@ def run_trial(config: dict, context: RunContext) -> None:
     run_id = run.info.run_id
     client.log_batch(run_id, params=[Param(k, v) for k, v in trial_params(context.grid, trial).items()])
     try:
-        metrics = RUNNERS[trial["algo"]](grid, trial, Path(context.data_root), tune.report)
+        metrics = RUNNERS[trial["algo"]](grid, trial, Path(context.data_root), Path(context.policy_root), tune.report)
     except Exception as err:
         client.set_tag(run_id, "error", f"{type(err).__name__}: {err}"[:5000])
         client.log_text(run_id, traceback.format_exc(), "error.txt")

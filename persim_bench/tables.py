@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from persim_bench.config import REGIMES, Grid
+from persim_bench.data.dataset import DatasetError, read_dataset
 from persim_bench.envs import get_env
 from persim_bench.orchestrate import experiment_name
 
@@ -105,7 +106,50 @@ def failed_trials(runs: list) -> list[str]:
                   for r in runs if r.info.status == "FAILED")
 
 
-def write_tables(grid: Grid, tracking_uri: str, results: Path) -> Path:
+def dataset_table(grid: Grid, data_root: Path) -> dict:
+    """Paper Table 8: per env and regime, the five test agents' observed return and the average
+    return and trajectory length over all agents, read from the datasets themselves."""
+    rows = []
+    for env in grid.envs:
+        for regime in grid.regimes:
+            try:
+                data = read_dataset(data_root, env, regime)
+            except DatasetError:
+                continue
+            returns = np.bincount(data.agent, weights=data.reward, minlength=data.n_agents)
+            lengths = np.bincount(data.agent, minlength=data.n_agents)
+            rows.append([env, regime, *(f"{r:.4g}" for r in returns[:5]), f"{returns.mean():.4g}",
+                         f"{lengths.mean():.1f}"])
+    return {"title": f"Offline data (Table 8): observed return of test agents 0-4, mean return and mean "
+                     f"trajectory length over all {grid.data.n_agents} agents",
+            "columns": ["env", "regime", "agent 0", "agent 1", "agent 2", "agent 3", "agent 4", "mean return",
+                        "mean length"],
+            "rows": rows}
+
+
+def policy_table(headers: dict) -> dict:
+    rows = [[h["env"], f"{h['role']}-{h['index']}", ", ".join(f"{c:g}" for c in h["covariates"]), h["algorithm"],
+             f"{h['budget']:,}", f"{h['achieved_return']:.4g} +- {h['achieved_return_std']:.3g}",
+             f"{h['train_seconds']:.0f}"]
+            for h in sorted(headers.values(), key=lambda h: (h["env"], h["role"], h["index"]))]
+    return {"title": "Trained policies: return of the greedy policy on its own agent",
+            "columns": ["env", "policy", "covariates", "algorithm", "env steps", "achieved return", "train s"],
+            "rows": rows}
+
+
+def write_table(table: dict, out: Path, name: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(to_markdown(table))
+    (out / f"{name}.tex").write_text(to_latex(table))
+    with open(out / f"{name}.csv", "w", newline="") as f:
+        csv.writer(f).writerows([table["columns"], *table["rows"]])
+
+
+def write_policy_table(headers: dict, out: Path) -> None:
+    write_table(policy_table(headers), out, "policies")
+
+
+def write_tables(grid: Grid, tracking_uri: str, results: Path, data_root: Path) -> Path:
     """Write every table of the grid to results/<grid>/ and log them on the newest parent run."""
     from mlflow.tracking import MlflowClient
 
@@ -117,13 +161,12 @@ def write_tables(grid: Grid, tracking_uri: str, results: Path) -> Path:
     runs = latest_trial_runs(client, experiment.experiment_id)
     out = results / grid.name
     out.mkdir(parents=True, exist_ok=True)
-    tables = build_tables(runs, grid)
+    tables = {"datasets": dataset_table(grid, data_root), **build_tables(runs, grid)}
     summary = [f"# {grid.name}: tables\n"]
+    if (out / "policies.md").exists():
+        summary.append((out / "policies.md").read_text())
     for name, table in tables.items():
-        (out / f"{name}.md").write_text(to_markdown(table))
-        (out / f"{name}.tex").write_text(to_latex(table))
-        with open(out / f"{name}.csv", "w", newline="") as f:
-            csv.writer(f).writerows([table["columns"], *table["rows"]])
+        write_table(table, out, name)
         summary.append(to_markdown(table))
     failures = failed_trials(runs)
     if failures:

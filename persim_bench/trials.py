@@ -7,7 +7,8 @@ from typing import Callable
 import numpy as np
 
 from persim_bench.config import Grid, per_env
-from persim_bench.data.behaviour import PREDICTION_POLICY_NAME, prediction_policy
+from persim_bench.data.behaviour import EpsilonMixture, prediction_policy
+from persim_bench.data.policies import load_policy, prediction_policy_path
 from persim_bench.data.dataset import read_dataset
 from persim_bench.envs import get_env
 from persim_bench.envs.base import EnvFamily
@@ -22,13 +23,25 @@ def test_covariates(family: EnvFamily) -> np.ndarray:
     return np.asarray(family.test_agents, dtype=np.float64)
 
 
-def evaluate_model(model, grid: Grid, family: EnvFamily, seed: int, report: Report) -> dict:
+def test_actions_policy(grid: Grid, family: EnvFamily, policy_root: Path, seed: int):
+    """(policy, name) driving the prediction test: the trained test policy (paper) or the heuristic."""
+    if grid.evaluation.prediction_policy == "heuristic":
+        return prediction_policy(family, seed), "heuristic-eps10"
+    path = prediction_policy_path(policy_root, grid, family.name)
+    net, header = load_policy(path, expect={"env": family.name, "role": "test"})
+    # The authors act with their DQN test policies at epsilon 0.01; TD3's actor acts as is.
+    policy = EpsilonMixture(net, family, 0.01) if family.discrete else net
+    return policy, f"{header['algorithm']}-test:{path.name}"
+
+
+def evaluate_model(model, grid: Grid, family: EnvFamily, seed: int, policy_root: Path, report: Report) -> dict:
     """Prediction error and MPC reward of a learned dynamics model, on the test agents."""
     spec, agents = grid.evaluation, grid.evaluation.test_agents
     covariates = test_covariates(family)
-    metrics = prediction_error(model, family, covariates, agents, prediction_policy(family, seed),
+    policy, policy_name = test_actions_policy(grid, family, policy_root, seed)
+    metrics = prediction_error(model, family, covariates, agents, policy,
                                spec.prediction_trajectories, spec.prediction_steps, spec.burn_in, seed)
-    metrics["prediction_policy"] = PREDICTION_POLICY_NAME
+    metrics["prediction_policy"] = policy_name
     metrics.update(plan_and_score(model, grid, family, seed, report))
     return metrics
 
@@ -44,7 +57,7 @@ def plan_and_score(model, grid: Grid, family: EnvFamily, seed: int, report: Repo
     )
 
 
-def run_persim(grid: Grid, trial: dict, data_root: Path, report: Report) -> dict:
+def run_persim(grid: Grid, trial: dict, data_root: Path, policy_root: Path, report: Report) -> dict:
     from persim_bench.algos.persim import fit_persim
 
     family = get_env(trial["env"])
@@ -54,10 +67,10 @@ def run_persim(grid: Grid, trial: dict, data_root: Path, report: Report) -> dict
     model, fit_metrics = fit_persim(
         data, spec, trial["seed"],
         on_epoch=lambda epoch, m: report({"stage": "fit", "epoch": epoch + 1, **m}))
-    return {**fit_metrics, **evaluate_model(model, grid, family, trial["seed"], report)}
+    return {**fit_metrics, **evaluate_model(model, grid, family, trial["seed"], policy_root, report)}
 
 
-def run_true_env_mpc(grid: Grid, trial: dict, data_root: Path, report: Report) -> dict:
+def run_true_env_mpc(grid: Grid, trial: dict, data_root: Path, policy_root: Path, report: Report) -> dict:
     from persim_bench.algos.true_env import TrueEnvModel
 
     family = get_env(trial["env"])

@@ -139,13 +139,6 @@ def test_malformed_yaml_and_unknown_grid(tmp_path):
         load_grid("nope")
 
 
-def test_pure_regimes_are_refused_before_ray_starts(write_grid, tmp_path):
-    grid = load_grid(write_grid({**SMALL, "regimes": ["pure"]}))
-    with pytest.raises(NotImplementedError, match="'pure' needs trained logging policies"):
-        generate_datasets(grid, tmp_path / "out", progress=False)
-    assert not (tmp_path / "out").exists()
-
-
 def _copy(root, tmp_path):
     target = tmp_path / "copy"
     shutil.copytree(root, target)

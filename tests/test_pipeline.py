@@ -7,6 +7,7 @@ from mlflow.tracking import MlflowClient
 
 from persim_bench import cli
 from persim_bench.config import GridError, load_grid
+from persim_bench.data.dataset import read_dataset
 
 TINY = {
     "name": "tiny-pipeline",
@@ -16,6 +17,7 @@ TINY = {
     "algos": ["persim", "true_env_mpc"],
     "seeds": [0],
     "data": {"n_agents": 8, "agents_per_shard": 8},
+    "policies": {"test_budget": 300, "hidden": [16], "n_envs": 2},
     "persim": {"epochs": 2, "ensemble": 2, "state_hidden": [16], "rank": 2},
     "planner": {"horizon": 5, "candidates": 20, "elites": 5},
     "evaluation": {"prediction_trajectories": 2, "prediction_steps": 10, "burn_in": 2, "reward_episodes": 1,
@@ -45,7 +47,7 @@ def test_run_logs_every_trial_under_one_parent_and_writes_tables(ray_cluster, wr
         assert "reward_agent0" in run.data.metrics and run.data.params["env"] == "cartpole"
     persim = next(r for r in children if r.data.tags["algo"] == "persim")
     assert "rmse_agent4" in persim.data.metrics and persim.data.params["persim.rank"] == "2"
-    assert persim.data.tags["prediction_policy"] == "heuristic-eps10"
+    assert persim.data.tags["prediction_policy"].startswith("dqn-test:test-0-")
 
     table = (results / "tiny-pipeline" / "reward_cartpole.md").read_text()
     assert "| random | PerSim |" in table and "| - | True env + MPC |" in table
@@ -53,7 +55,11 @@ def test_run_logs_every_trial_under_one_parent_and_writes_tables(ray_cluster, wr
     for suffix in ("md", "csv", "tex"):
         assert (results / "tiny-pipeline" / f"prediction_cartpole.{suffix}").exists()
     artifacts = [a.path for a in client.list_artifacts(parents[0].info.run_id, "tables")]
-    assert "tables/reward_cartpole.md" in artifacts
+    assert {"tables/reward_cartpole.md", "tables/datasets.md", "tables/policies.md"} <= set(artifacts)
+    table8 = (results / "tiny-pipeline" / "datasets.csv").read_text().splitlines()
+    data = read_dataset(results / "datasets" / "tiny-pipeline", "cartpole", "random")
+    assert table8[1].startswith("cartpole,random,") and table8[1].endswith(f",{len(data) / 8:.1f}")
+    assert "dqn" in (results / "tiny-pipeline" / "policies.md").read_text()
     assert (tmp_path / "results" / "ray").is_dir()  # Tune's storage under results/
 
 

@@ -74,13 +74,19 @@ def prediction_policy(family: EnvFamily, seed: int = 0) -> BehaviourPolicy:
 REGIME_EPSILON = {"pure": 0.0, "pure-eps-20": 0.2, "pure-eps-40": 0.4}
 
 
-def regime_policy(family: EnvFamily, regime: str, covariates: np.ndarray) -> BehaviourPolicy:
-    """The behaviour policy of a regime for a block of agents with these covariates."""
+def regime_policy(family: EnvFamily, regime: str, covariates: np.ndarray, logging_nets: list) -> BehaviourPolicy:
+    """The behaviour policy of a regime for a block of agents with these covariates.
+
+    ``logging_nets`` are the trained policies of the env's policy-training agents (pure* regimes).
+    """
+    from persim_bench.data.policies import NearestAgentPolicy
+
     if regime == "random":
         return RandomPolicy(family)
     if regime in REGIME_EPSILON:
-        raise NotImplementedError(
-            f"regime {regime!r} needs trained logging policies, which this version cannot train yet; "
-            "use --regime random"
-        )
+        if len(logging_nets) != len(family.policy_agents):
+            raise ValueError(f"regime {regime!r} needs {len(family.policy_agents)} logging policies, got {len(logging_nets)}")
+        pure = NearestAgentPolicy(family, logging_nets, covariates)
+        epsilon = REGIME_EPSILON[regime]
+        return EpsilonMixture(pure, family, epsilon) if epsilon else pure
     raise ValueError(f"unknown regime {regime!r}")

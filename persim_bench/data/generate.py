@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 import persim_bench
 from persim_bench.config import REGIMES, Grid
 from persim_bench.data.behaviour import regime_policy
+from persim_bench.data.policies import load_policy, logging_policy_paths
 from persim_bench.data.dataset import MANIFEST, Transitions, dataset_dir, read_manifest, sha256, write_json, write_parquet
 from persim_bench.envs import ENVS, get_env
 
@@ -35,10 +36,13 @@ class DatasetPlan:
     n_agents: int
     episode_steps: int
     agents_per_shard: int
+    # Logging policy files of the pure* regimes, in policy-agent order; their names carry content keys.
+    policy_paths: tuple[str, ...] = ()
 
     @property
     def fingerprint(self) -> str:
-        key = json.dumps({**self.__dict__, "version": persim_bench.__version__}, sort_keys=True)
+        determinants = {**self.__dict__, "policy_paths": [Path(p).name for p in self.policy_paths]}
+        key = json.dumps({**determinants, "version": persim_bench.__version__}, sort_keys=True)
         return hashlib.sha256(key.encode()).hexdigest()[:12]
 
     @property
@@ -62,19 +66,15 @@ class DatasetPlan:
         return get_env(self.env).agent_covariates(self.rng(), self.n_agents)
 
 
-def dataset_plans(grid: Grid) -> list[DatasetPlan]:
+def dataset_plans(grid: Grid, policy_root: Path | None) -> list[DatasetPlan]:
+    if policy_root is None and any(regime != "random" for regime in grid.regimes):
+        raise ValueError("the pure* regimes need the logging policies: pass policy_root (see train_policies)")
     return [
-        DatasetPlan(env, regime, grid.seed, grid.data.n_agents, grid.data.episode_steps(env), grid.data.agents_per_shard)
+        DatasetPlan(env, regime, grid.seed, grid.data.n_agents, grid.data.episode_steps(env), grid.data.agents_per_shard,
+                    () if regime == "random" else tuple(map(str, logging_policy_paths(policy_root, grid, env))))
         for env in grid.envs
         for regime in grid.regimes
     ]
-
-
-def check_generatable(grid: Grid) -> None:
-    """Fail before Ray or any compute starts for a regime this version cannot record."""
-    for plan in dataset_plans(grid):
-        family = get_env(plan.env)
-        regime_policy(family, plan.regime, np.zeros((0, len(family.covariate_names))))
 
 
 def record_shard(plan: DatasetPlan, shard: int) -> Transitions:
@@ -83,7 +83,7 @@ def record_shard(plan: DatasetPlan, shard: int) -> Transitions:
     agents = np.asarray(plan.shard_agents(shard))
     covariates = plan.covariates()[agents]
     rng = plan.rng(REGIMES.index(plan.regime) + 1, shard)
-    policy = regime_policy(family, plan.regime, covariates)
+    policy = regime_policy(family, plan.regime, covariates, [load_policy(p)[0] for p in plan.policy_paths])
     sim = family.batch(covariates)
     obs = sim.reset(rng)
     alive = np.ones(len(agents), dtype=bool)
@@ -135,13 +135,14 @@ def is_complete(plan: DatasetPlan, folder: Path) -> bool:
         return False
 
 
-def generate_datasets(grid: Grid, root: Path, num_workers: int | None = None, progress: bool = True) -> list[Path]:
+def generate_datasets(grid: Grid, root: Path, policy_root: Path | None = None, num_workers: int | None = None,
+                      progress: bool = True) -> list[Path]:
     """Generate every env x regime dataset of the grid on the connected Ray cluster.
 
-    Returns the dataset folders. Finished datasets and shards are skipped.
+    The pure* regimes read the logging policies under ``policy_root`` (the policies stage trains
+    them). Returns the dataset folders. Finished datasets and shards are skipped.
     """
-    plans = dataset_plans(grid)
-    check_generatable(grid)
+    plans = dataset_plans(grid, policy_root)
     pending = []
     for plan in plans:
         folder = dataset_dir(root, plan.env, plan.regime)

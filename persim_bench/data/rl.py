@@ -1,0 +1,303 @@
+"""Online RL that makes the logging and test policies: Double DQN (discrete envs) and TD3 (HalfCheetah).
+
+The paper trains its data policies online on single agents (Sec. 6.1, App. E.2). Both algorithms
+here share one collection loop: ``n_envs`` copies of the agent in one ``BatchSim``, episodes cut at
+the env's horizon, and a time-major replay buffer. Every random draw comes from ``seed``.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from collections import deque
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from persim_bench.data.policies import PolicyNet
+from persim_bench.envs import get_env
+from persim_bench.envs.base import BatchSim, EnvFamily
+
+GAMMA = 0.99
+BUFFER_SIZE = 200_000          # transitions kept (summed over the parallel envs)
+
+# Double DQN. Hyper-parameters follow rl-baselines3-zoo's CartPole/MountainCar DQN (one [256, 256]
+# Q-net, large lr, short exploration phase) except gamma (0.99, as the brief asks) and 3-step returns,
+# which carry MountainCar's sparse goal signal back faster (Rainbow/Ape-X practice). No reward shaping.
+DQN_LR = 1e-3
+DQN_BATCH = 128
+DQN_UPDATES_PER_STEP = 0.5     # rl-zoo: 128 gradient steps per 256 env steps (CartPole), 8 per 16 (MountainCar)
+DQN_TARGET_EVERY = 250         # hard target copy, in gradient updates
+DQN_N_STEP = 3
+DQN_LEARNING_STARTS = 1_000
+DQN_EPS_FINAL = 0.05
+DQN_EXPLORATION_FRACTION = 0.2  # share of the budget over which epsilon decays linearly from 1
+DQN_MAX_GRAD_NORM = 10.0
+
+# TD3, as in Fujimoto et al. (2018) and their reference code.
+TD3_LR = 3e-4
+TD3_BATCH = 256
+TD3_TAU = 0.005
+TD3_POLICY_NOISE = 0.2
+TD3_NOISE_CLIP = 0.5
+TD3_POLICY_DELAY = 2
+TD3_EXPLORATION_NOISE = 0.1
+TD3_RANDOM_STEPS = 10_000      # uniform-random actions first (capped at a tenth of the budget)
+
+
+class _Replay:
+    """Ring buffer laid out [time, env] so an n-step return can be read down one env's column."""
+
+    def __init__(self, capacity: int, n_envs: int, obs_dim: int, action_shape: tuple, action_dtype):
+        self.capacity, self.n_envs = max(capacity // n_envs, 2), n_envs
+        shape = (self.capacity, n_envs)
+        self.obs = np.zeros((*shape, obs_dim), np.float32)
+        self.next_obs = np.zeros((*shape, obs_dim), np.float32)
+        self.action = np.zeros((*shape, *action_shape), action_dtype)
+        self.reward = np.zeros(shape, np.float32)
+        self.terminated = np.zeros(shape, bool)
+        self.ended = np.zeros(shape, bool)   # terminated or cut at the horizon: an n-step sum stops here
+        self.pos = self.size = 0
+
+    def add(self, obs, action, reward, next_obs, terminated, ended) -> None:
+        i = self.pos
+        self.obs[i], self.action[i], self.reward[i] = obs, action, reward
+        self.next_obs[i], self.terminated[i], self.ended[i] = next_obs, terminated, ended
+        self.pos, self.size = (i + 1) % self.capacity, min(self.size + 1, self.capacity)
+
+    def sample(self, rng: np.random.Generator, batch: int, n_step: int):
+        """(obs, action, n-step discounted reward, bootstrap obs, bootstrap discount) as torch tensors.
+
+        Rows are drawn from those at least n_step - 1 steps old, so every window lies in written
+        data; the discount is gamma^k (k steps summed) and 0 when the window ends in termination.
+        """
+        age = rng.integers(n_step - 1, self.size, size=batch)
+        t = (self.pos - 1 - age) % self.capacity
+        env = rng.integers(0, self.n_envs, size=batch)
+        ret = np.zeros(batch, np.float32)
+        discount = np.ones(batch, np.float32)
+        last = t.copy()
+        active = np.ones(batch, bool)
+        for k in range(n_step):
+            i = (t + k) % self.capacity
+            ret += np.where(active, discount * self.reward[i, env], 0.0).astype(np.float32)
+            discount = np.where(active, discount * GAMMA, discount)
+            last = np.where(active, i, last)
+            active &= ~self.ended[i, env]
+        discount *= ~self.terminated[last, env]
+        return tuple(map(torch.from_numpy, (self.obs[t, env], self.action[t, env], ret,
+                                            self.next_obs[last, env], discount.astype(np.float32))))
+
+
+def _reset_finished(sim: BatchSim, done: np.ndarray, obs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Start new episodes in the ``done`` rows only; the other rows carry on.
+
+    ``BatchSim.reset`` resets every row, so reset all of them (start states drawn exactly as the
+    sim draws them) and then put the unfinished rows' states back through the public state.
+    """
+    if done.all():
+        return sim.reset(rng)
+    if isinstance(sim.state, torch.Tensor):        # classic control: state [N, D] float64
+        keep = sim.state.clone()
+        fresh = sim.reset(rng)
+        sim.state[~done] = keep[~done]
+    else:                                           # HalfCheetah: restore (qpos, qvel) rows
+        qpos, qvel = sim.qpos.copy(), sim.qvel.copy()
+        fresh = sim.reset(rng)
+        rows = done[:, None]
+        sim.set_state(np.where(rows, sim.qpos, qpos), np.where(rows, sim.qvel, qvel))
+    return np.where(done[:, None], fresh, obs)
+
+
+class _DQN:
+    """Double DQN with n-step returns, epsilon-greedy exploration and a hard-copied target net."""
+
+    updates_per_step = DQN_UPDATES_PER_STEP
+    n_step = DQN_N_STEP
+    batch = DQN_BATCH
+
+    def __init__(self, family: EnvFamily, hidden: list[int], budget: int):
+        self.family = family
+        self.q = PolicyNet(family.obs_dim, family.n_actions, hidden, discrete=True)
+        self.target = copy.deepcopy(self.q)
+        self.optimizer = torch.optim.Adam(self.q.parameters(), lr=DQN_LR)
+        self.learning_starts = min(DQN_LEARNING_STARTS, budget // 10)
+        self.decay_steps = max(DQN_EXPLORATION_FRACTION * budget, 1.0)
+        self.updates = 0
+
+    def epsilon(self, steps: int) -> float:
+        return max(DQN_EPS_FINAL, 1.0 - (1.0 - DQN_EPS_FINAL) * steps / self.decay_steps)
+
+    def act(self, obs: np.ndarray, steps: int, rng: np.random.Generator) -> np.ndarray:
+        explore = rng.random(len(obs)) < self.epsilon(steps)
+        random = self.family.random_actions(rng, len(obs))
+        return np.where(explore, random, self.q.act(obs))
+
+    def update(self, replay: _Replay, rng: np.random.Generator, gen: torch.Generator) -> float:
+        obs, action, ret, next_obs, discount = replay.sample(rng, self.batch, self.n_step)
+        with torch.no_grad():
+            best = self.q(next_obs).argmax(dim=1, keepdim=True)       # online net picks, target net scores
+            target = ret + discount * self.target(next_obs).gather(1, best).squeeze(1)
+        predicted = self.q(obs).gather(1, action.long()[:, None]).squeeze(1)
+        loss = F.smooth_l1_loss(predicted, target)
+        self.optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.q.parameters(), DQN_MAX_GRAD_NORM)
+        self.optimizer.step()
+        self.updates += 1
+        if self.updates % DQN_TARGET_EVERY == 0:
+            self.target.load_state_dict(self.q.state_dict())
+        return loss.item()
+
+    def policy(self) -> PolicyNet:
+        return self.q
+
+
+class _TD3:
+    """TD3: twin critics with clipped double-Q, target policy smoothing, delayed actor updates."""
+
+    updates_per_step = 1.0
+    n_step = 1
+    batch = TD3_BATCH
+
+    def __init__(self, family: EnvFamily, hidden: list[int], budget: int):
+        self.family = family
+        obs_dim, action_dim = family.obs_dim, family.action_dim
+        self.actor = PolicyNet(obs_dim, action_dim, hidden, discrete=False)
+        # A critic is a plain MLP on [obs, action]: PolicyNet with discrete=True has no output squashing.
+        self.critics = torch.nn.ModuleList(PolicyNet(obs_dim + action_dim, 1, hidden, discrete=True) for _ in range(2))
+        self.actor_target, self.critics_target = copy.deepcopy(self.actor), copy.deepcopy(self.critics)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=TD3_LR)
+        self.critic_optimizer = torch.optim.Adam(self.critics.parameters(), lr=TD3_LR)
+        self.learning_starts = min(TD3_RANDOM_STEPS, budget // 10)
+        self.updates = 0
+
+    def act(self, obs: np.ndarray, steps: int, rng: np.random.Generator) -> np.ndarray:
+        if steps < self.learning_starts:
+            return self.family.random_actions(rng, len(obs))
+        noise = rng.normal(0.0, TD3_EXPLORATION_NOISE, size=(len(obs), self.family.action_dim))
+        return np.clip(self.actor.act(obs) + noise, -1.0, 1.0).astype(np.float32)
+
+    def _q(self, critics, obs: torch.Tensor, action: torch.Tensor) -> list[torch.Tensor]:
+        inputs = torch.cat([obs, action], dim=1)
+        return [critic(inputs).squeeze(1) for critic in critics]
+
+    def update(self, replay: _Replay, rng: np.random.Generator, gen: torch.Generator) -> float:
+        obs, action, reward, next_obs, discount = replay.sample(rng, self.batch, 1)
+        with torch.no_grad():
+            noise = (torch.randn(action.shape, generator=gen) * TD3_POLICY_NOISE).clamp(-TD3_NOISE_CLIP, TD3_NOISE_CLIP)
+            next_action = (self.actor_target(next_obs) + noise).clamp(-1.0, 1.0)
+            target = reward + discount * torch.minimum(*self._q(self.critics_target, next_obs, next_action))
+        q1, q2 = self._q(self.critics, obs, action)
+        loss = F.mse_loss(q1, target) + F.mse_loss(q2, target)
+        self.critic_optimizer.zero_grad()
+        loss.backward()
+        self.critic_optimizer.step()
+        self.updates += 1
+        if self.updates % TD3_POLICY_DELAY == 0:
+            actor_loss = -self._q(self.critics[:1], obs, self.actor(obs))[0].mean()
+            self.actor_optimizer.zero_grad()
+            actor_loss.backward()
+            self.actor_optimizer.step()
+            with torch.no_grad():
+                for net, target_net in ((self.actor, self.actor_target), (self.critics, self.critics_target)):
+                    for p, p_target in zip(net.parameters(), target_net.parameters()):
+                        p_target.lerp_(p, TD3_TAU)
+        return loss.item()
+
+    def policy(self) -> PolicyNet:
+        return self.actor
+
+
+ALGORITHMS = {"dqn": _DQN, "td3": _TD3}
+
+
+def evaluate_policy(family: EnvFamily, covariates, net: PolicyNet, episodes: int, rng: np.random.Generator) -> np.ndarray:
+    """Greedy returns of ``episodes`` episodes of one agent, run as one batch capped at the horizon."""
+    sim = family.batch(np.repeat(np.asarray([covariates], dtype=np.float64), episodes, axis=0))
+    obs = sim.reset(rng)
+    total = np.zeros(episodes)
+    alive = np.ones(episodes, bool)
+    for _ in range(family.horizon):
+        obs, reward, terminated = sim.step(net.act(obs))
+        total += np.where(alive, reward, 0.0)
+        alive &= ~terminated
+        if not alive.any():
+            break
+    return total
+
+
+def train_policy(env: str, covariates, algorithm: str, budget: int, seed: int, hidden: list[int],
+                 n_envs: int = 8, eval_episodes: int = 10, on_progress=None) -> tuple[PolicyNet, dict]:
+    """Train a policy online on one agent for ``budget`` env steps (summed over ``n_envs`` copies).
+
+    Returns the greedy network in eval mode and a summary: its mean/std return over
+    ``eval_episodes`` fresh episodes, wall time, env steps taken and gradient updates.
+    ``on_progress(steps_done, metrics)`` is called about every 5% of the budget.
+    """
+    family = get_env(env)
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}")
+    if (algorithm == "dqn") != family.discrete:
+        kind = "discrete" if family.discrete else "continuous"
+        raise ValueError(f"{algorithm} cannot train {env}: its actions are {kind} (use {'dqn' if family.discrete else 'td3'})")
+    covariates = tuple(float(c) for c in covariates)
+    if len(covariates) != len(family.covariate_names):
+        raise ValueError(f"{env} takes covariates {family.covariate_names}, got {covariates}")
+    if budget < n_envs:
+        raise ValueError(f"budget ({budget}) must be at least n_envs ({n_envs})")
+
+    start = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):     # seeds weight init without touching the caller's torch RNG
+        torch.manual_seed(seed)
+        learner = ALGORITHMS[algorithm](family, hidden, budget)
+
+    discrete = family.discrete
+    replay = _Replay(BUFFER_SIZE, n_envs, family.obs_dim, () if discrete else (family.action_dim,),
+                     np.int64 if discrete else np.float32)
+    sim = family.batch(np.repeat(np.asarray([covariates]), n_envs, axis=0))
+    obs = sim.reset(rng)
+    episode_return, episode_length = np.zeros(n_envs), np.zeros(n_envs, int)
+    recent = deque(maxlen=20)          # returns of the latest finished episodes, for progress only
+    episodes = 0
+    iterations = budget // n_envs      # the budget is rounded down to whole vectorised steps
+    report_every = max(iterations // 20, 1)
+    update_credit, loss = 0.0, float("nan")
+
+    for iteration in range(1, iterations + 1):
+        steps = (iteration - 1) * n_envs
+        action = learner.act(obs, steps, rng)
+        next_obs, reward, terminated = sim.step(action)
+        episode_return += reward
+        episode_length += 1
+        ended = terminated | (episode_length >= family.horizon)   # a horizon cut is not terminal
+        replay.add(obs, action, reward, next_obs, terminated, ended)
+        obs = next_obs
+        if ended.any():
+            recent.extend(episode_return[ended])
+            episodes += int(ended.sum())
+            episode_return[ended], episode_length[ended] = 0.0, 0
+            obs = _reset_finished(sim, ended, obs, rng)
+
+        if steps + n_envs >= learner.learning_starts and replay.size >= learner.n_step:
+            update_credit += n_envs * learner.updates_per_step
+            while update_credit >= 1.0:
+                loss = learner.update(replay, rng, gen)
+                update_credit -= 1.0
+
+        if on_progress is not None and (iteration % report_every == 0 or iteration == iterations):
+            metrics = {"recent_return": float(np.mean(recent)) if recent else float("nan"),
+                       "episodes": episodes, "updates": learner.updates, "loss": loss,
+                       "seconds": time.perf_counter() - start}
+            if algorithm == "dqn":
+                metrics["epsilon"] = learner.epsilon(steps)
+            on_progress(iteration * n_envs, metrics)
+
+    net = learner.policy().eval()
+    train_seconds = time.perf_counter() - start
+    returns = evaluate_policy(family, covariates, net, eval_episodes, rng)
+    return net, {"achieved_return": float(returns.mean()), "achieved_return_std": float(returns.std()),
+                 "train_seconds": train_seconds, "env_steps": iterations * n_envs,
+                 "updates": learner.updates}
