@@ -84,7 +84,8 @@ def cmd_run(args) -> None:
     connect_ray(args.address)
     policy_root, data_root = prepare_data(grid, results)
 
-    experiment_id, parent_run_id = start_parent_run(grid, tracking_uri, str(args.grid))
+    artifact_root = None if args.mlflow_uri else results / "mlartifacts"
+    experiment_id, parent_run_id = start_parent_run(grid, tracking_uri, str(args.grid), artifact_root)
     context = RunContext(grid.model_dump(), str(data_root), str(policy_root), tracking_uri, experiment_id,
                          parent_run_id)
     print(f"[main] MLflow {tracking_uri} (parent run {parent_run_id}); Tune storage {storage}")

@@ -93,13 +93,22 @@ def run_trial(config: dict, context: RunContext) -> None:
     tune.report({**numbers, "stage": "done", "mlflow_run_id": run_id})
 
 
-def start_parent_run(grid: Grid, tracking_uri: str, source: str) -> tuple[str, str]:
-    """Create the experiment (on the driver, before trials race to) and this invocation's parent run."""
+def start_parent_run(grid: Grid, tracking_uri: str, source: str, artifact_root: Path | None) -> tuple[str, str]:
+    """Create the experiment (on the driver, before trials race to) and this invocation's parent run.
+
+    ``artifact_root`` keeps artifacts beside the SQLite database (MLflow's default is ./mlruns in
+    the cwd); None leaves the choice to a tracking server.
+    """
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name(experiment_name(grid))
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(experiment_name(grid))
+    name = experiment_name(grid)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        location = (artifact_root / name.replace("/", "-")).as_uri() if artifact_root else None
+        experiment_id = client.create_experiment(name, artifact_location=location)
+    else:
+        experiment_id = experiment.experiment_id
     parent = client.create_run(experiment_id, run_name=f"{grid.name}-{time.strftime('%Y%m%d-%H%M%S')}",
                                tags={"grid": grid.name, "grid_source": source, "persim_bench.parent": "1"})
     return experiment_id, parent.info.run_id

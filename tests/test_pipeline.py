@@ -31,10 +31,14 @@ def _runs(results, name="tiny-pipeline"):
     return client, client.search_runs([experiment.experiment_id], max_results=1000)
 
 
-def test_run_logs_every_trial_under_one_parent_and_writes_tables(ray_cluster, write_grid, tmp_path):
+def test_run_logs_every_trial_under_one_parent_and_writes_tables(ray_cluster, write_grid, tmp_path, monkeypatch):
     grid = write_grid(TINY)
     results = tmp_path / "results"
+    user_cwd = tmp_path / "cwd"
+    user_cwd.mkdir()
+    monkeypatch.chdir(user_cwd)
     cli.main(["run", "--grid", str(grid), "--results", str(results)])
+    assert list(user_cwd.iterdir()) == []  # no mlruns/, MUJOCO_LOG.TXT or d3rlpy_logs/ in the user's folder
 
     client, runs = _runs(results)
     parents = [r for r in runs if r.data.tags.get("persim_bench.parent") == "1"]
@@ -61,6 +65,7 @@ def test_run_logs_every_trial_under_one_parent_and_writes_tables(ray_cluster, wr
     assert table8[1].startswith("cartpole,random,") and table8[1].endswith(f",{len(data) / 8:.1f}")
     assert "dqn" in (results / "tiny-pipeline" / "policies.md").read_text()
     assert (tmp_path / "results" / "ray").is_dir()  # Tune's storage under results/
+    assert (results / "mlartifacts" / "persim-bench-tiny-pipeline").is_dir()  # artifacts too, not ./mlruns
 
 
 def test_a_failed_trial_is_recorded_and_the_grid_goes_on(ray_cluster, write_grid, tmp_path):

@@ -104,7 +104,7 @@ def _fixed_list(values: np.ndarray, width: int) -> pa.FixedSizeListArray:
 
 
 def _unfixed(column: pa.ChunkedArray, width: int) -> np.ndarray:
-    return column.combine_chunks().flatten().to_numpy().reshape(-1, width)
+    return column.combine_chunks().flatten().to_numpy().reshape(-1, width).copy()  # writable, for torch
 
 
 def sha256(path: Path) -> str:

@@ -33,6 +33,8 @@ DQN_LEARNING_STARTS = 1_000
 DQN_EPS_FINAL = 0.05
 DQN_EXPLORATION_FRACTION = 0.2  # share of the budget over which epsilon decays linearly from 1
 DQN_MAX_GRAD_NORM = 10.0
+DQN_EZ_ZETA = 2.0              # exploration option lengths ~ zeta(2), capped (Dabney et al. 2021)
+DQN_EZ_MAX = 10_000
 
 # TD3, as in Fujimoto et al. (2018) and their reference code.
 TD3_LR = 3e-4
@@ -116,7 +118,7 @@ class _DQN:
     n_step = DQN_N_STEP
     batch = DQN_BATCH
 
-    def __init__(self, family: EnvFamily, hidden: list[int], budget: int):
+    def __init__(self, family: EnvFamily, hidden: list[int], budget: int, n_envs: int):
         self.family = family
         self.q = PolicyNet(family.obs_dim, family.n_actions, hidden, discrete=True)
         self.target = copy.deepcopy(self.q)
@@ -124,14 +126,25 @@ class _DQN:
         self.learning_starts = min(DQN_LEARNING_STARTS, budget // 10)
         self.decay_steps = max(DQN_EXPLORATION_FRACTION * budget, 1.0)
         self.updates = 0
+        self.explore_action = self.explore_left = np.zeros(n_envs, np.int64)
 
     def epsilon(self, steps: int) -> float:
         return max(DQN_EPS_FINAL, 1.0 - (1.0 - DQN_EPS_FINAL) * steps / self.decay_steps)
 
     def act(self, obs: np.ndarray, steps: int, rng: np.random.Generator) -> np.ndarray:
-        explore = rng.random(len(obs)) < self.epsilon(steps)
-        random = self.family.random_actions(rng, len(obs))
-        return np.where(explore, random, self.q.act(obs))
+        """Temporally-extended epsilon-greedy (ez-greedy, Dabney et al. 2021).
+
+        With probability epsilon a row starts repeating one random action for a zeta(2)-distributed
+        number of steps. Single-step dithering never reaches MountainCar's goal within 500 steps at
+        gravity >= 0.0025 (0 of 2000 random episodes); repeated actions pump energy and do.
+        """
+        n = len(obs)
+        start = (self.explore_left <= 0) & (rng.random(n) < self.epsilon(steps))
+        self.explore_action = np.where(start, self.family.random_actions(rng, n), self.explore_action)
+        self.explore_left = np.where(start, np.minimum(rng.zipf(DQN_EZ_ZETA, n), DQN_EZ_MAX), self.explore_left)
+        exploring = self.explore_left > 0
+        self.explore_left = self.explore_left - exploring
+        return np.where(exploring, self.explore_action, self.q.act(obs))
 
     def update(self, replay: _Replay, rng: np.random.Generator, gen: torch.Generator) -> float:
         obs, action, ret, next_obs, discount = replay.sample(rng, self.batch, self.n_step)
@@ -160,7 +173,7 @@ class _TD3:
     n_step = 1
     batch = TD3_BATCH
 
-    def __init__(self, family: EnvFamily, hidden: list[int], budget: int):
+    def __init__(self, family: EnvFamily, hidden: list[int], budget: int, n_envs: int):
         self.family = family
         obs_dim, action_dim = family.obs_dim, family.action_dim
         self.actor = PolicyNet(obs_dim, action_dim, hidden, discrete=False)
@@ -252,7 +265,7 @@ def train_policy(env: str, covariates, algorithm: str, budget: int, seed: int, h
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):     # seeds weight init without touching the caller's torch RNG
         torch.manual_seed(seed)
-        learner = ALGORITHMS[algorithm](family, hidden, budget)
+        learner = ALGORITHMS[algorithm](family, hidden, budget, n_envs)
 
     discrete = family.discrete
     replay = _Replay(BUFFER_SIZE, n_envs, family.obs_dim, () if discrete else (family.action_dim,),
@@ -281,7 +294,7 @@ def train_policy(env: str, covariates, algorithm: str, budget: int, seed: int, h
             episode_return[ended], episode_length[ended] = 0.0, 0
             obs = _reset_finished(sim, ended, obs, rng)
 
-        if steps + n_envs >= learner.learning_starts and replay.size >= learner.n_step:
+        if steps >= learner.learning_starts and replay.size >= learner.n_step:
             update_credit += n_envs * learner.updates_per_step
             while update_credit >= 1.0:
                 loss = learner.update(replay, rng, gen)

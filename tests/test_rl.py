@@ -1,0 +1,128 @@
+"""Online RL trainers: DQN learns CartPole, runs are reproducible, TD3 runs on HalfCheetah."""
+from __future__ import annotations
+
+import gymnasium
+import numpy as np
+import pytest
+import torch
+
+from persim_bench.data.policies import PolicyNet
+from persim_bench.data.rl import _reset_finished, _Replay, train_policy
+from persim_bench.envs import get_env
+
+HIDDEN = [256, 256]
+
+
+def gym_returns(act, episodes: int, seed: int) -> np.ndarray:
+    """Returns through the registered gymnasium env: an evaluation independent of rl.py's."""
+    env = gymnasium.make("persim/CartPole-v0")
+    returns = []
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=seed + episode)
+        total, done = 0.0, False
+        while not done:
+            obs, reward, terminated, truncated, _ = env.step(act(obs))
+            total += reward
+            done = terminated or truncated
+        returns.append(total)
+    return np.asarray(returns)
+
+
+@pytest.fixture(scope="module")
+def cartpole_dqn():
+    progress = []
+    net, info = train_policy("cartpole", (0.5, 10.0), "dqn", budget=3000, seed=0, hidden=HIDDEN,
+                             on_progress=lambda steps, metrics: progress.append((steps, metrics)))
+    return net, info, progress
+
+
+def test_dqn_learns_cartpole(cartpole_dqn):
+    net, info, progress = cartpole_dqn
+    rng = np.random.default_rng(0)
+    random = gym_returns(lambda obs: int(rng.integers(2)), episodes=10, seed=100)
+    trained = gym_returns(lambda obs: int(net.act(obs[None])[0]), episodes=10, seed=100)
+    assert random.mean() < 40
+    assert info["achieved_return"] > 100 and trained.mean() > 100
+    assert isinstance(net, PolicyNet) and not net.training and net.discrete
+    assert info["env_steps"] == 3000 and info["updates"] > 0 and info["train_seconds"] > 0
+    # about every 5% of the budget, ending at the budget, with a finite recent return
+    steps = [s for s, _ in progress]
+    assert 18 <= len(steps) <= 21 and steps == sorted(steps) and steps[-1] == 3000
+    assert np.isfinite(progress[-1][1]["recent_return"])
+
+
+def test_same_seed_same_weights():
+    def weights(seed):
+        net, _ = train_policy("cartpole", (0.5, 10.0), "dqn", budget=400, seed=seed, hidden=[32], n_envs=4,
+                              eval_episodes=2)
+        return [p.detach().clone() for p in net.parameters()]
+
+    torch.manual_seed(123)
+    outside = torch.rand(1)
+    first, again, other = weights(5), weights(5), weights(6)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(1), outside)          # the caller's torch RNG is untouched
+
+
+@pytest.mark.parametrize("env, algorithm", [("cartpole", "td3"), ("mountaincar", "td3"), ("halfcheetah", "dqn"),
+                                            ("cartpole", "ppo")])
+def test_algorithm_env_mismatch(env, algorithm):
+    with pytest.raises(ValueError, match=algorithm):
+        train_policy(env, get_env(env).default_covariates, algorithm, budget=100, seed=0, hidden=[8])
+
+
+def test_td3_runs_on_halfcheetah():
+    net, info = train_policy("halfcheetah", (1.0, 1.0), "td3", budget=600, seed=0, hidden=[64, 64], n_envs=4,
+                             eval_episodes=2)
+    actions = net.act(np.random.default_rng(0).normal(size=(7, 18)).astype(np.float32))
+    assert actions.shape == (7, 6) and actions.dtype == np.float32
+    assert np.all(np.abs(actions) <= 1.0)
+    assert not net.training and not net.discrete
+    assert info["env_steps"] == 600 and info["updates"] == 600 - 60   # updates start after 60 random steps
+    assert np.isfinite(info["achieved_return"])
+
+
+@pytest.mark.parametrize("env", ["cartpole", "halfcheetah"])
+def test_reset_finished_restarts_only_finished_rows(env):
+    family = get_env(env)
+    covariates = np.repeat([family.default_covariates], 3, axis=0)
+    sim, untouched = family.batch(covariates), family.batch(covariates)
+    untouched.reset(np.random.default_rng(0))
+    obs = sim.reset(np.random.default_rng(0))
+    actions = family.random_actions(np.random.default_rng(1), 3)
+    for _ in range(5):
+        obs, _, _ = sim.step(actions)
+        untouched.step(actions)
+    done = np.array([False, True, False])
+    moved = obs.copy()
+    obs = _reset_finished(sim, done, obs, np.random.default_rng(2))
+    np.testing.assert_array_equal(obs[~done], moved[~done])
+    if env == "cartpole":
+        assert np.all(np.abs(obs[1]) <= 0.05)                        # CartPole's start box
+    else:
+        assert obs[1, 0] == 0 and np.all(np.abs(obs[1, 1:]) < 0.01)  # at rest near qpos0
+    # the running rows carry on exactly as if nothing had happened
+    after, expected = sim.step(actions)[0], untouched.step(actions)[0]
+    np.testing.assert_allclose(after[~done], expected[~done], rtol=1e-5, atol=1e-5)
+
+
+def test_replay_n_step_returns_stop_at_episode_end():
+    replay = _Replay(capacity=20, n_envs=1, obs_dim=1, action_shape=(), action_dtype=np.int64)
+    # one env: steps 0..5; the episode ends (terminated) at step 2, a horizon cut at step 5
+    terminated = [False, False, True, False, False, False]
+    ended = [False, False, True, False, False, True]
+    for t in range(6):
+        replay.add(np.array([[t]]), np.array([0]), np.array([1.0]), np.array([[t + 1]]), np.array([terminated[t]]),
+                   np.array([ended[t]]))
+    obs, _, ret, next_obs, discount = replay.sample(np.random.default_rng(0), 200, n_step=3)
+    g = 0.99
+    expected = {0: (1 + g + g * g, 3, g**3), 1: (1 + g, 3, 0.0), 2: (1, 3, 0.0), 3: (1 + g + g * g, 6, g**3)}
+    seen = set()
+    for o, r, n, d in zip(obs[:, 0].tolist(), ret.tolist(), next_obs[:, 0].tolist(), discount.tolist()):
+        start = int(o)
+        assert start in expected                      # rows 4 and 5 have no complete 3-step window yet
+        assert (r, n, d) == pytest.approx(expected[start], rel=1e-6)
+        seen.add(start)
+    assert seen == set(expected)
