@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from persim_bench.envs import ENVS
 
@@ -43,9 +43,8 @@ class DataSpec(Strict):
     @field_validator("max_steps")
     @classmethod
     def _known_envs_within_horizon(cls, caps: dict[str, int]) -> dict[str, int]:
+        check_known("env", caps, ENVS)
         for env, cap in caps.items():
-            if env not in ENVS:
-                raise ValueError(f"unknown env {env!r}; known: {', '.join(ENVS)}")
             if cap > ENVS[env].horizon:
                 raise ValueError(f"{env}: {cap} exceeds the paper's horizon {ENVS[env].horizon}")
         return caps
@@ -63,12 +62,17 @@ def per_env(value, env: str):
     return value
 
 
+def check_known(kind: str, names, allowed) -> list:
+    for name in names:
+        if name not in allowed:
+            raise ValueError(f"unknown {kind} {name!r}; known: {', '.join(allowed)}")
+    return names
+
+
 def known_env_keys(value):
     """A per-env setting may only name known envs."""
     if isinstance(value, dict):
-        for env in value:
-            if env not in ENVS:
-                raise ValueError(f"unknown env {env!r}; known: {', '.join(ENVS)}")
+        check_known("env", value, ENVS)
     return value
 
 
@@ -173,29 +177,11 @@ class Grid(Strict):
     planner: PlannerSpec = PlannerSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
 
-    @field_validator("envs")
+    @field_validator("envs", "regimes", "algos")
     @classmethod
-    def _known_envs(cls, envs: list[str]) -> list[str]:
-        for env in envs:
-            if env not in ENVS:
-                raise ValueError(f"unknown env {env!r}; known: {', '.join(ENVS)}")
-        return envs
-
-    @field_validator("regimes")
-    @classmethod
-    def _known_regimes(cls, regimes: list[str]) -> list[str]:
-        for regime in regimes:
-            if regime not in REGIMES:
-                raise ValueError(f"unknown regime {regime!r}; known: {', '.join(REGIMES)}")
-        return regimes
-
-    @field_validator("algos")
-    @classmethod
-    def _known_algos(cls, algos: list[str]) -> list[str]:
-        for algo in algos:
-            if algo not in ALGOS:
-                raise ValueError(f"unknown algorithm {algo!r}; known: {', '.join(ALGOS)}")
-        return algos
+    def _known_names(cls, names: list[str], info: ValidationInfo) -> list[str]:
+        kind, allowed = {"envs": ("env", ENVS), "regimes": ("regime", REGIMES), "algos": ("algorithm", ALGOS)}[info.field_name]
+        return check_known(kind, names, allowed)
 
     @model_validator(mode="after")
     def _non_empty(self) -> "Grid":
