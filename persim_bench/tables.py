@@ -137,6 +137,29 @@ def policy_table(headers: dict) -> dict:
             "rows": rows}
 
 
+def reward_figure(table: dict, path: Path) -> None:
+    """Grouped bars of a reward table: one group per test agent, one bar per (regime, method) row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    agents = table["columns"][2:]
+    fig, ax = plt.subplots(figsize=(max(8, 2 * len(agents)), 3.6))
+    width = 0.8 / max(1, len(table["rows"]))
+    for i, row in enumerate(table["rows"]):
+        means = [float(cell.split(" +- ")[0]) for cell in row[2:]]
+        errors = [float(cell.split(" +- ")[1]) if " +- " in cell else 0.0 for cell in row[2:]]
+        ax.bar(np.arange(len(agents)) + i * width, means, width, yerr=errors, label=f"{row[1]} ({row[0]})")
+    ax.set_xticks(np.arange(len(agents)) + 0.4 - width / 2, agents, fontsize=8)
+    ax.set_ylabel("reward")
+    ax.set_title(table["title"], fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_table(table: dict, out: Path, name: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.md").write_text(to_markdown(table))
@@ -168,6 +191,8 @@ def write_tables(grid: Grid, tracking_uri: str, results: Path, data_root: Path) 
     for name, table in tables.items():
         write_table(table, out, name)
         summary.append(to_markdown(table))
+        if name.startswith("reward_") and table["rows"]:
+            reward_figure(table, out / f"{name}.png")
     failures = failed_trials(runs)
     if failures:
         summary.append("**Failed trials**\n\n" + "\n".join(f"- {line}" for line in failures) + "\n")
