@@ -274,7 +274,7 @@ def train_policy(env: str, covariates, algorithm: str, budget: int, seed: int, h
     sim = family.batch(np.repeat(np.asarray([covariates]), n_envs, axis=0))
     obs = sim.reset(rng)
     episode_return, episode_length = np.zeros(n_envs), np.zeros(n_envs, int)
-    recent = deque(maxlen=20)          # returns of the latest finished episodes, for progress only
+    recent = deque(maxlen=max(10, n_envs))    # returns of the latest finished episodes, for progress only
     episodes = 0
     iterations = budget // n_envs      # the budget is rounded down to whole vectorised steps
     report_every = max(iterations // 20, 1)
