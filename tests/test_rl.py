@@ -57,19 +57,20 @@ def test_dqn_learns_cartpole(cartpole_dqn):
     # about every 5% of the budget, ending at the budget, with a finite recent return
     steps = [s for s, _ in progress]
     assert 18 <= len(steps) <= 21 and steps == sorted(steps) and steps[-1] == 3000
-    assert np.isfinite(progress[-1][1]["recent_return"])
+    assert np.isfinite(progress[-1][1]["recent_return"]) and progress[-1][1]["greedy_return"] > 100
 
 
 def test_same_seed_same_weights():
-    def weights(seed):
-        net, _ = train_policy("cartpole", (0.5, 10.0), "dqn", budget=400, seed=seed, hidden=[32], n_envs=4,
-                              eval_episodes=2)
-        return [p.detach().clone() for p in net.parameters()]
+    def run(seed, on_progress=None):
+        net, info = train_policy("cartpole", (0.5, 10.0), "dqn", budget=400, seed=seed, hidden=[32], n_envs=4,
+                                 eval_episodes=2, on_progress=on_progress)
+        return [p.detach().clone() for p in net.parameters()], info["achieved_return"]
 
     torch.manual_seed(123)
     outside = torch.rand(1)
-    first, again, other = weights(5), weights(5), weights(6)
-    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    (first, result), (again, result_again) = run(5), run(5, on_progress=lambda steps, metrics: None)
+    other, _ = run(6)
+    assert all(torch.equal(a, b) for a, b in zip(first, again)) and result == result_again
     assert not all(torch.equal(a, b) for a, b in zip(first, other))
     torch.manual_seed(123)
     assert torch.equal(torch.rand(1), outside)          # the caller's torch RNG is untouched
@@ -112,7 +113,7 @@ def test_reset_finished_restarts_only_finished_rows(env):
         assert np.all(np.abs(obs[1]) <= 0.05)                        # CartPole's start box
     else:
         assert obs[1, 0] == 0 and np.all(np.abs(obs[1, 1:]) < 0.01)  # at rest near qpos0
-    # the running rows carry on exactly as if nothing had happened
+    # the running rows carry on as if nothing had happened (HalfCheetah: rebuilt from qpos, qvel)
     after, expected = sim.step(actions)[0], untouched.step(actions)[0]
     np.testing.assert_allclose(after[~done], expected[~done], rtol=1e-5, atol=1e-5)
 

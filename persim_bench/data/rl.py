@@ -19,7 +19,7 @@ from persim_bench.envs import get_env
 from persim_bench.envs.base import BatchSim, EnvFamily
 
 GAMMA = 0.99
-BUFFER_SIZE = 200_000          # transitions kept (summed over the parallel envs)
+BUFFER_SIZE = 1_000_000        # transitions kept, summed over the parallel envs (TD3 paper: every one)
 
 # Double DQN. Close to rl-baselines3-zoo's tuned CartPole/MountainCar DQN ([256, 256] Q-net, half a
 # gradient update per env step, epsilon decayed over the first 20% of the budget, batch 128), with
@@ -226,7 +226,8 @@ class _TD3:
 ALGORITHMS = {"dqn": _DQN, "td3": _TD3}
 
 
-def evaluate_policy(family: EnvFamily, covariates, net: PolicyNet, episodes: int, rng: np.random.Generator) -> np.ndarray:
+def evaluate_policy(family: EnvFamily, covariates, net: PolicyNet, episodes: int,
+                    rng: np.random.Generator) -> np.ndarray:
     """Greedy returns of ``episodes`` episodes of one agent, run as one batch capped at the horizon."""
     sim = family.batch(np.repeat(np.asarray([covariates], dtype=np.float64), episodes, axis=0))
     obs = sim.reset(rng)
@@ -253,8 +254,8 @@ def train_policy(env: str, covariates, algorithm: str, budget: int, seed: int, h
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}")
     if (algorithm == "dqn") != family.discrete:
-        kind = "discrete" if family.discrete else "continuous"
-        raise ValueError(f"{algorithm} cannot train {env}: its actions are {kind} (use {'dqn' if family.discrete else 'td3'})")
+        kind, fit = ("discrete", "dqn") if family.discrete else ("continuous", "td3")
+        raise ValueError(f"{algorithm} cannot train {env}: its actions are {kind} (use {fit})")
     covariates = tuple(float(c) for c in covariates)
     if len(covariates) != len(family.covariate_names):
         raise ValueError(f"{env} takes covariates {family.covariate_names}, got {covariates}")
@@ -263,6 +264,8 @@ def train_policy(env: str, covariates, algorithm: str, budget: int, seed: int, h
 
     start = time.perf_counter()
     rng = np.random.default_rng(seed)
+    # Evaluations draw from streams of their own, so progress reports change neither training nor result.
+    progress_rng = np.random.default_rng([seed, 1])
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):     # seeds weight init without touching the caller's torch RNG
         torch.manual_seed(seed)
@@ -302,16 +305,19 @@ def train_policy(env: str, covariates, algorithm: str, budget: int, seed: int, h
                 update_credit -= 1.0
 
         if on_progress is not None and (iteration % report_every == 0 or iteration == iterations):
+            # Training returns include exploration (ez-greedy's long random runs topple CartPole),
+            # so the greedy policy is scored too.
+            greedy = evaluate_policy(family, covariates, learner.policy(), eval_episodes, progress_rng)
             metrics = {"recent_return": float(np.mean(recent)) if recent else float("nan"),
-                       "episodes": episodes, "updates": learner.updates, "loss": loss,
-                       "seconds": time.perf_counter() - start}
+                       "greedy_return": float(greedy.mean()), "episodes": episodes,
+                       "updates": learner.updates, "loss": loss, "seconds": time.perf_counter() - start}
             if algorithm == "dqn":
                 metrics["epsilon"] = learner.epsilon(steps)
             on_progress(iteration * n_envs, metrics)
 
     net = learner.policy().eval()
     train_seconds = time.perf_counter() - start
-    returns = evaluate_policy(family, covariates, net, eval_episodes, rng)
+    returns = evaluate_policy(family, covariates, net, eval_episodes, np.random.default_rng([seed, 2]))
     return net, {"achieved_return": float(returns.mean()), "achieved_return_std": float(returns.std()),
                  "train_seconds": train_seconds, "env_steps": iterations * n_envs,
                  "updates": learner.updates}
