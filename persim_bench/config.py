@@ -131,8 +131,8 @@ class PolicySpec(Strict):
     (default agent) drive the prediction-error test. Budgets are environment steps.
     """
 
-    budget: PositiveInt | dict[str, PositiveInt] = {"mountaincar": 300_000, "cartpole": 100_000, "halfcheetah": 300_000}
-    test_budget: PositiveInt | dict[str, PositiveInt] = {"mountaincar": 300_000, "cartpole": 100_000,
+    budget: PositiveInt | dict[str, PositiveInt] = {"mountaincar": 100_000, "cartpole": 5_000, "halfcheetah": 300_000}
+    test_budget: PositiveInt | dict[str, PositiveInt] = {"mountaincar": 100_000, "cartpole": 5_000,
                                                          "halfcheetah": 300_000}
     hidden: list[PositiveInt] = [256, 256]
     seed: Annotated[int, Field(ge=0)] = 0
