@@ -7,7 +7,7 @@ from typing import Callable
 import numpy as np
 
 from persim_bench.config import Grid, per_env
-from persim_bench.data.behaviour import EpsilonMixture, prediction_policy
+from persim_bench.data.behaviour import PREDICTION_POLICY_NAME, EpsilonMixture, prediction_policy
 from persim_bench.data.policies import load_policy, prediction_policy_path
 from persim_bench.data.dataset import read_dataset
 from persim_bench.envs import get_env
@@ -26,7 +26,7 @@ def test_covariates(family: EnvFamily) -> np.ndarray:
 def test_actions_policy(grid: Grid, family: EnvFamily, policy_root: Path, seed: int):
     """(policy, name) driving the prediction test: the trained test policy (paper) or the heuristic."""
     if grid.evaluation.prediction_policy == "heuristic":
-        return prediction_policy(family, seed), "heuristic-eps10"
+        return prediction_policy(family, seed), PREDICTION_POLICY_NAME
     path = prediction_policy_path(policy_root, grid, family.name)
     net, header = load_policy(path, expect={"env": family.name, "role": "test"})
     # The authors act with their DQN test policies at epsilon 0.01; TD3's actor acts as is.

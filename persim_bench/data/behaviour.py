@@ -62,7 +62,7 @@ class HeuristicController:
         return np.tanh(obs @ self.gain).astype(np.float32)
 
 
-# Until trained test policies exist (issue 4), prediction error uses this; its name goes to every output.
+# With `evaluation.prediction_policy: heuristic` the prediction test uses this; its name goes to every output.
 PREDICTION_POLICY_NAME = "heuristic-eps10"
 
 

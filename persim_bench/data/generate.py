@@ -7,6 +7,7 @@ finished shards and never reuses stale ones. Files are written atomically.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -77,13 +78,19 @@ def dataset_plans(grid: Grid, policy_root: Path | None) -> list[DatasetPlan]:
     ]
 
 
+@functools.lru_cache(maxsize=32)
+def cached_policy(path: str):
+    """A logging policy loaded once per process: every shard of an env x regime uses the same five."""
+    return load_policy(path)[0]
+
+
 def record_shard(plan: DatasetPlan, shard: int) -> Transitions:
     """Roll every agent of the shard for one episode, all agents stepped together."""
     family = get_env(plan.env)
     agents = np.asarray(plan.shard_agents(shard))
     covariates = plan.covariates()[agents]
     rng = plan.rng(REGIMES.index(plan.regime) + 1, shard)
-    policy = regime_policy(family, plan.regime, covariates, [load_policy(p)[0] for p in plan.policy_paths])
+    policy = regime_policy(family, plan.regime, covariates, [cached_policy(p) for p in plan.policy_paths])
     sim = family.batch(covariates)
     obs = sim.reset(rng)
     alive = np.ones(len(agents), dtype=bool)
