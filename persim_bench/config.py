@@ -16,9 +16,9 @@ from persim_bench.envs import ENVS
 
 REGIMES = ("pure", "random", "pure-eps-20", "pure-eps-40")
 # Algorithms this version runs; "true_env_mpc" needs no data, so it runs once per env x seed.
-ALGOS = ("persim", "true_env_mpc")
+ALGOS = ("persim", "cadm_vanilla", "cadm_pets", "bcq_p", "bcq_a", "true_env_mpc")
 # Algorithms that learn a dynamics model and so get the prediction-error test.
-MODEL_ALGOS = ("persim",)
+MODEL_ALGOS = ("persim", "cadm_vanilla", "cadm_pets")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "tune_configs"
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -100,6 +100,44 @@ class PersimSpec(Strict):
         return known_env_keys(value)
 
 
+class CadmSpec(Strict):
+    """CaDM (Lee et al. 2020) as the paper ran it (App. D.2); sizes as in the public code (younggyoseo/CaDM)."""
+
+    # Transitions of the agent's own past the context encoder reads (K), and future
+    # transitions each context is trained to predict (M).
+    history: PositiveInt = 10
+    future: PositiveInt = 10
+    context_dim: PositiveInt = 10
+    context_hidden: list[PositiveInt] = [256, 128, 64]
+    hidden: list[PositiveInt] = [200, 200, 200, 200]
+    # L2 penalties wd * 1/2 sum W^2 per layer (public code); the last entry repeats for deeper nets.
+    dynamics_weight_decay: list[Annotated[float, Field(ge=0)]] = [2.5e-5, 5e-5, 7.5e-5, 7.5e-5, 1e-4]
+    context_weight_decay: list[Annotated[float, Field(ge=0)]] = [2.5e-5, 5e-5, 7.5e-5, 7.5e-5]
+    back_coeff: Annotated[float, Field(ge=0)] = 0.5
+    # PE-TS: members and particles (particles must be a multiple of members, as in TS-inf).
+    pets_members: PositiveInt = 5
+    pets_particles: PositiveInt = 20
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+    batch_size: PositiveInt = 256
+    # Passes over the offline data (the paper: 100 iterations of the public code's training loop).
+    epochs: PositiveInt = 100
+
+    @model_validator(mode="after")
+    def _particles_per_member(self) -> "CadmSpec":
+        if self.pets_particles % self.pets_members:
+            raise ValueError(f"pets_particles ({self.pets_particles}) must be a multiple of pets_members "
+                             f"({self.pets_members})")
+        return self
+
+
+class BCQSpec(Strict):
+    """BCQ through d3rlpy (paper App. D.2). Defaults follow the original BCQ code where d3rlpy's differ."""
+
+    # Gradient steps per policy (the paper: 5.5e5); progress is reported every steps_per_epoch.
+    steps: PositiveInt = 550_000
+    steps_per_epoch: PositiveInt = 5_000
+
+
 class PlannerSpec(Strict):
     """The one MPC planner (paper Sec. 5, App. D.1): random shooting for discrete actions, CEM for continuous."""
 
@@ -174,6 +212,8 @@ class Grid(Strict):
     data: DataSpec = DataSpec()
     policies: PolicySpec = PolicySpec()
     persim: PersimSpec = PersimSpec()
+    cadm: CadmSpec = CadmSpec()
+    bcq: BCQSpec = BCQSpec()
     planner: PlannerSpec = PlannerSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
 

@@ -50,9 +50,12 @@ def flatten(prefix: str, value, out: dict) -> dict:
 
 def trial_params(grid: dict, trial: dict) -> dict:
     """The trial's own keys plus the grid sections its algorithm reads, flattened for MLflow."""
-    sections = {"planner": grid["planner"], "evaluation": grid["evaluation"], "data": grid["data"]}
-    if trial["algo"] == "persim":
-        sections["persim"] = grid["persim"]
+    family = trial["algo"].split("_")[0]  # persim, cadm, bcq, true
+    sections = {"evaluation": grid["evaluation"], "data": grid["data"]}
+    if family != "bcq":
+        sections["planner"] = grid["planner"]
+    if family in ("persim", "cadm", "bcq"):
+        sections[family] = grid[family]
     params = flatten("", {**{k: v for k, v in trial.items() if k != "name"}, **sections}, {})
     return {k: str(v)[:500] for k, v in params.items()}
 
@@ -64,7 +67,7 @@ def run_trial(config: dict, context: RunContext) -> None:
     from mlflow.tracking import MlflowClient
     from ray import tune
 
-    from persim_bench.trials import RUNNERS
+    from persim_bench.trials import RUNNERS, TrialPaths
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     trial = config["trial"]
@@ -77,7 +80,8 @@ def run_trial(config: dict, context: RunContext) -> None:
     run_id = run.info.run_id
     client.log_batch(run_id, params=[Param(k, v) for k, v in trial_params(context.grid, trial).items()])
     try:
-        metrics = RUNNERS[trial["algo"]](grid, trial, Path(context.data_root), Path(context.policy_root), tune.report)
+        paths = TrialPaths(Path(context.data_root), Path(context.policy_root), Path(tune.get_context().get_trial_dir()))
+        metrics = RUNNERS[trial["algo"]](grid, trial, paths, tune.report)
     except Exception as err:
         client.set_tag(run_id, "error", f"{type(err).__name__}: {err}"[:5000])
         client.log_text(run_id, traceback.format_exc(), "error.txt")

@@ -1,6 +1,7 @@
 """What one Tune trial does for each algorithm: fit (if it learns), then the shared evaluation."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -12,10 +13,19 @@ from persim_bench.data.policies import load_policy, prediction_policy_path
 from persim_bench.data.dataset import read_dataset
 from persim_bench.envs import get_env
 from persim_bench.envs.base import EnvFamily
-from persim_bench.evaluate import episode_rewards, prediction_error
+from persim_bench.evaluate import ActFn, episode_rewards, prediction_error
 from persim_bench.planning import MPCPlanner
 
 Report = Callable[[dict], None]
+
+
+@dataclass(frozen=True)
+class TrialPaths:
+    """Where a trial reads its inputs and may write its own files (the Tune trial's directory)."""
+
+    data_root: Path
+    policy_root: Path
+    work_dir: Path
 
 
 def test_covariates(family: EnvFamily) -> np.ndarray:
@@ -47,30 +57,34 @@ def evaluate_model(model, grid: Grid, family: EnvFamily, seed: int, policy_root:
 
 
 def plan_and_score(model, grid: Grid, family: EnvFamily, seed: int, report: Report) -> dict:
+    return score_policy(MPCPlanner(family, model, grid.planner, seed).act, grid, family, seed, report)
+
+
+def score_policy(act: ActFn, grid: Grid, family: EnvFamily, seed: int, report: Report) -> dict:
+    """Reward of any policy (planner or model-free) on the test agents, reporting progress to Tune."""
     spec = grid.evaluation
-    planner = MPCPlanner(family, model, grid.planner, seed)
     steps = spec.episode_steps(family.name)
     progress = max(1, steps // 10)
     return episode_rewards(
-        planner.act, family, test_covariates(family), spec.test_agents, spec.reward_episodes, steps, seed,
+        act, family, test_covariates(family), spec.test_agents, spec.reward_episodes, steps, seed,
         on_step=lambda t: report({"stage": "reward", "episode_step": t + 1}) if (t + 1) % progress == 0 else None,
     )
 
 
-def run_persim(grid: Grid, trial: dict, data_root: Path, policy_root: Path, report: Report) -> dict:
+def run_persim(grid: Grid, trial: dict, paths: TrialPaths, report: Report) -> dict:
     from persim_bench.algos.persim import fit_persim
 
     family = get_env(trial["env"])
-    data = read_dataset(data_root, trial["env"], trial["regime"])
+    data = read_dataset(paths.data_root, trial["env"], trial["regime"])
     check_test_agents(data.covariates, family)
     spec = grid.persim.model_copy(update={"rank": trial["rank"]})
     model, fit_metrics = fit_persim(
         data, spec, trial["seed"],
         on_epoch=lambda epoch, m: report({"stage": "fit", "epoch": epoch + 1, **m}))
-    return {**fit_metrics, **evaluate_model(model, grid, family, trial["seed"], policy_root, report)}
+    return {**fit_metrics, **evaluate_model(model, grid, family, trial["seed"], paths.policy_root, report)}
 
 
-def run_true_env_mpc(grid: Grid, trial: dict, data_root: Path, policy_root: Path, report: Report) -> dict:
+def run_true_env_mpc(grid: Grid, trial: dict, paths: TrialPaths, report: Report) -> dict:
     from persim_bench.algos.true_env import TrueEnvModel
 
     family = get_env(trial["env"])
