@@ -103,39 +103,85 @@ class PersimSpec(Strict):
 class CadmSpec(Strict):
     """CaDM (Lee et al. 2020) as the paper ran it (App. D.2); sizes as in the public code (younggyoseo/CaDM)."""
 
-    # Transitions of the agent's own past the context encoder reads (K), and future
-    # transitions each context is trained to predict (M).
+    # Past transitions the context encoder reads (K) and future transitions each context
+    # is trained to predict (M).
     history: PositiveInt = 10
     future: PositiveInt = 10
     context_dim: PositiveInt = 10
     context_hidden: list[PositiveInt] = [256, 128, 64]
     hidden: list[PositiveInt] = [200, 200, 200, 200]
-    # L2 penalties wd * 1/2 sum W^2 per layer (public code); the last entry repeats for deeper nets.
-    dynamics_weight_decay: list[Annotated[float, Field(ge=0)]] = [2.5e-5, 5e-5, 7.5e-5, 7.5e-5, 1e-4]
-    context_weight_decay: list[Annotated[float, Field(ge=0)]] = [2.5e-5, 5e-5, 7.5e-5, 7.5e-5]
+    # L2 penalty wd * 1/2 sum W^2: hidden layer i uses entry i, the output layer the last entry.
+    weight_decay: list[Annotated[float, Field(ge=0)]] = [2.5e-5, 5e-5, 7.5e-5, 7.5e-5, 1e-4]
+    context_weight_decay: list[Annotated[float, Field(ge=0)]] = [2.5e-5, 5e-5, 7.5e-5]
     back_coeff: Annotated[float, Field(ge=0)] = 0.5
-    # PE-TS: members and particles (particles must be a multiple of members, as in TS-inf).
+    # PE-TS: probabilistic members and trajectory-sampling particles (a multiple of the members).
     pets_members: PositiveInt = 5
     pets_particles: PositiveInt = 20
+    # Planning over particles: CaDM's mean return (public code); "min" would be PerSim's pessimism.
+    aggregate: Literal["min", "mean"] = "mean"
     lr: Annotated[float, Field(gt=0)] = 1e-3
     batch_size: PositiveInt = 256
-    # Passes over the offline data (the paper: 100 iterations of the public code's training loop).
-    epochs: PositiveInt = 100
+    # The paper's 100 training iterations; in the public code each is up to 5 epochs with early
+    # stopping on a rolling validation loss over a fresh 10% split (at most 5000 windows).
+    iterations: PositiveInt = 100
+    epochs_per_iteration: PositiveInt = 5
+    valid_split: Annotated[float, Field(ge=0, lt=1)] = 0.1
 
     @model_validator(mode="after")
-    def _particles_per_member(self) -> "CadmSpec":
+    def _consistent(self) -> "CadmSpec":
         if self.pets_particles % self.pets_members:
             raise ValueError(f"pets_particles ({self.pets_particles}) must be a multiple of pets_members "
                              f"({self.pets_members})")
+        for decays, hidden, name in ((self.weight_decay, self.hidden, "weight_decay"),
+                                     (self.context_weight_decay, self.context_hidden, "context_weight_decay")):
+            if len(decays) < len(hidden):
+                raise ValueError(f"{name} needs an entry per hidden layer ({len(hidden)}), got {len(decays)}")
         return self
 
 
 class BCQSpec(Strict):
-    """BCQ through d3rlpy (paper App. D.2). Defaults follow the original BCQ code where d3rlpy's differ."""
+    """BCQ through d3rlpy (paper App. D.2). Defaults follow the original BCQ code (sfujim/BCQ) where d3rlpy's differ.
+
+    Continuous BCQ (HalfCheetah) and discrete BCQ (MountainCar, CartPole) have their own fields;
+    the original code's gamma 0.99, tau 0.005, lambda 0.75, phi 0.05 and VAE KL weight 0.5 are
+    also d3rlpy's defaults and are left to it.
+    """
 
     # Gradient steps per policy (the paper: 5.5e5); progress is reported every steps_per_epoch.
     steps: PositiveInt = 550_000
     steps_per_epoch: PositiveInt = 5_000
+    # Continuous: hidden layers of the perturbation actor and of each twin critic (d3rlpy: 256-256).
+    actor_hidden: list[PositiveInt] = [400, 300]
+    critic_hidden: list[PositiveInt] = [400, 300]
+    # Continuous: VAE encoder and decoder hidden layers (d3rlpy: 256-256).
+    vae_hidden: list[PositiveInt] = [750, 750]
+    # Continuous: Adam learning rate of actor, critic and VAE (original and d3rlpy: 1e-3).
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+    # Continuous: minibatch size (original and d3rlpy: 100).
+    batch_size: PositiveInt = 100
+    # Continuous: VAE actions sampled per next state for the Q target (original 10) and per state
+    # when acting (original 100); d3rlpy uses one number, 100, for both.
+    target_samples: PositiveInt = 10
+    act_samples: PositiveInt = 100
+    # Discrete: hidden layers of the Q network and of the separate imitation network (d3rlpy: 256-256, shared).
+    discrete_hidden: list[PositiveInt] = [256, 256]
+    # Discrete: Adam learning rate (d3rlpy: 6.25e-5, the original's Atari setting).
+    discrete_lr: Annotated[float, Field(gt=0)] = 3e-4
+    # Discrete: minibatch size (d3rlpy: 32, the original's Atari setting).
+    discrete_batch_size: PositiveInt = 64
+    # Discrete: actions whose imitation probability is below threshold x the likeliest one's are never taken
+    # (original and d3rlpy: 0.3).
+    discrete_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.3
+    # Discrete: Polyak target update per step (d3rlpy: a hard copy every 8000 steps, the original's Atari setting).
+    discrete_tau: Annotated[float, Field(gt=0, le=1)] = 0.005
+    # Discrete: weight of the mean squared imitation logits added to the loss (d3rlpy's beta: 0.5).
+    discrete_logit_penalty: Annotated[float, Field(ge=0)] = 0.01
+
+    @model_validator(mode="after")
+    def _whole_epochs(self) -> "BCQSpec":
+        if self.steps % self.steps_per_epoch:
+            raise ValueError(f"steps ({self.steps}) must be a multiple of steps_per_epoch ({self.steps_per_epoch})")
+        return self
 
 
 class PlannerSpec(Strict):
@@ -192,6 +238,8 @@ class EvaluationSpec(Strict):
     # One-step burn-in before the open-loop window (authors' code: 10).
     burn_in: Annotated[int, Field(ge=0)] = 10
     reward_episodes: PositiveInt = 20
+    # Episodes per test agent for model-free policies (BCQ), cheap to run (paper: 100).
+    policy_reward_episodes: PositiveInt = 100
     # Actions of the prediction test: the trained test policy (paper) or a hand-written controller.
     prediction_policy: Literal["trained", "heuristic"] = "trained"
     # Episode cap for reward episodes; the paper's horizon when absent.

@@ -8,12 +8,13 @@ Reward (Sec. 6.3): undiscounted return of a policy acting on the real env.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import numpy as np
 import torch
 
-from persim_bench.algos.base import DynamicsModel
+from persim_bench.algos.base import ContextualModel, DynamicsModel
 from persim_bench.data.behaviour import BehaviourPolicy
 from persim_bench.envs.base import EnvFamily
 
@@ -42,7 +43,7 @@ def record_test_trajectories(family: EnvFamily, covariates: np.ndarray, agents: 
 
 @torch.no_grad()
 def open_loop(model: DynamicsModel, start: np.ndarray, actions: np.ndarray, agent: np.ndarray) -> np.ndarray:
-    """Each member rolls its own trajectory from start [E, D]; returns the member mean [E, H, D]."""
+    """Each member (or particle) rolls its own trajectory from start [E, D]; returns their mean [E, H, D]."""
     state = torch.as_tensor(start, dtype=torch.float32).expand(model.n_members, *start.shape).contiguous()
     agent_t = torch.as_tensor(agent, dtype=torch.long)
     predicted = []
@@ -59,10 +60,15 @@ def prediction_error(model: DynamicsModel, family: EnvFamily, covariates: np.nda
     obs, actions, alive, agent = record_test_trajectories(
         family, covariates, agents, policy, trajectories, burn_in + steps, rng)
     truth = obs[:, burn_in + 1:]
-    predicted = open_loop(model, obs[:, burn_in], actions[:, burn_in:], agent)
+    key = agent
+    if isinstance(model, ContextualModel):  # context from the real burn-in steps, fixed over the window
+        model.condition(torch.as_tensor(obs[:, :burn_in + 1]), torch.as_tensor(actions[:, :burn_in]))
+        key = np.arange(len(agent))
+    predicted = open_loop(model, obs[:, burn_in], actions[:, burn_in:], key)
     valid = alive[:, burn_in:-1]  # state t+1 was really reached iff the episode still ran at t
     squared = np.where(valid[..., None], (predicted - truth) ** 2, np.nan)
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # trajectories that ended before the window: NaN
         rmse = np.sqrt(np.nanmean(squared, axis=(1, 2)))
         truth_masked = np.where(valid[..., None], truth, np.nan)
         centred = (truth_masked - np.nanmean(truth_masked, axis=1, keepdims=True)) ** 2

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from persim_bench.algos.base import DynamicsModel
+from persim_bench.algos.base import ContextualModel, DynamicsModel
 from persim_bench.config import PlannerSpec, per_env
 from persim_bench.envs.base import EnvFamily
 
@@ -24,21 +24,35 @@ class MPCPlanner:
         self.candidates = per_env(spec.candidates, family.name)
         self.generator = torch.Generator().manual_seed(seed)
         self.previous: torch.Tensor | None = None  # last plan per episode, for warm starts
+        # A contextual model's real recent past per episode: states seen and actions taken.
+        self.seen: list[torch.Tensor] = []
+        self.taken: list[torch.Tensor] = []
 
     def reset(self) -> None:
         self.previous = None
+        self.seen, self.taken = [], []
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, agent: np.ndarray) -> np.ndarray:
         """One decision for each of E episodes: obs [E, D], agent [E] (dataset agent ids)."""
         obs_t = torch.as_tensor(obs, dtype=torch.float32)
         agent_t = torch.as_tensor(agent, dtype=torch.long)
+        contextual = isinstance(self.model, ContextualModel)
+        if contextual:  # condition on each episode's last K real transitions; rows are then episodes
+            k = self.model.history
+            self.seen, self.taken = (self.seen + [obs_t])[-(k + 1):], self.taken[-k:]
+            action_shape = () if self.family.discrete else (self.family.action_dim,)
+            self.model.condition(torch.stack(self.seen, 1), torch.stack(self.taken, 1) if self.taken
+                                 else torch.zeros(len(obs_t), 0, *action_shape))
+            agent_t = torch.arange(len(obs_t))
         chunk = max(1, self.spec.max_rows // (self.model.n_members * self.candidates))
         plans = [self._plan(obs_t[i:i + chunk], agent_t[i:i + chunk],
                             None if self.previous is None else self.previous[i:i + chunk])
                  for i in range(0, len(obs_t), chunk)]
         self.previous = torch.cat(plans)
         first = self.previous[:, 0]
+        if contextual:
+            self.taken.append(first)
         return first.numpy().astype(np.int64 if self.family.discrete else np.float32)
 
     def _plan(self, obs, agent, previous):

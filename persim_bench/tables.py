@@ -18,7 +18,8 @@ from persim_bench.data.dataset import DatasetError, read_dataset
 from persim_bench.envs import get_env
 from persim_bench.orchestrate import experiment_name
 
-METHOD_LABELS = {"persim": "PerSim", "true_env_mpc": "True env + MPC"}
+METHOD_LABELS = {"persim": "PerSim", "cadm_vanilla": "Vanilla CaDM", "cadm_pets": "PE-TS CaDM", "bcq_p": "BCQ-P",
+                 "bcq_a": "BCQ-A", "true_env_mpc": "True env + MPC"}
 
 
 def agent_label(env: str, agent: int) -> str:
@@ -68,7 +69,8 @@ def build_tables(runs: list, grid: Grid) -> dict[str, dict]:
                                                 f"{grid.evaluation.prediction_steps}-step open-loop predictions",
                                        "columns": columns, "rows": prediction}
         tables[f"reward_{env}"] = {"title": f"Reward, {env}: mean +- std over seeds of the mean over "
-                                            f"{grid.evaluation.reward_episodes} episodes",
+                                            f"{grid.evaluation.reward_episodes} episodes (model-free: "
+                                            f"{grid.evaluation.policy_reward_episodes})",
                                    "columns": columns, "rows": reward}
     return tables
 

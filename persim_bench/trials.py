@@ -7,7 +7,7 @@ from typing import Callable
 
 import numpy as np
 
-from persim_bench.config import Grid, per_env
+from persim_bench.config import Grid, PlannerSpec, per_env
 from persim_bench.data.behaviour import PREDICTION_POLICY_NAME, EpsilonMixture, prediction_policy
 from persim_bench.data.policies import load_policy, prediction_policy_path
 from persim_bench.data.dataset import read_dataset
@@ -44,7 +44,8 @@ def test_actions_policy(grid: Grid, family: EnvFamily, policy_root: Path, seed: 
     return policy, f"{header['algorithm']}-test:{path.name}"
 
 
-def evaluate_model(model, grid: Grid, family: EnvFamily, seed: int, policy_root: Path, report: Report) -> dict:
+def evaluate_model(model, grid: Grid, family: EnvFamily, seed: int, policy_root: Path, report: Report,
+                   planner: PlannerSpec | None = None) -> dict:
     """Prediction error and MPC reward of a learned dynamics model, on the test agents."""
     spec, agents = grid.evaluation, grid.evaluation.test_agents
     covariates = test_covariates(family)
@@ -52,21 +53,24 @@ def evaluate_model(model, grid: Grid, family: EnvFamily, seed: int, policy_root:
     metrics = prediction_error(model, family, covariates, agents, policy,
                                spec.prediction_trajectories, spec.prediction_steps, spec.burn_in, seed)
     metrics["prediction_policy"] = policy_name
-    metrics.update(plan_and_score(model, grid, family, seed, report))
+    metrics.update(plan_and_score(model, grid, family, seed, report, planner))
     return metrics
 
 
-def plan_and_score(model, grid: Grid, family: EnvFamily, seed: int, report: Report) -> dict:
-    return score_policy(MPCPlanner(family, model, grid.planner, seed).act, grid, family, seed, report)
+def plan_and_score(model, grid: Grid, family: EnvFamily, seed: int, report: Report,
+                   planner: PlannerSpec | None = None) -> dict:
+    """Reward of the shared MPC planner (grid's settings unless ``planner`` overrides them) on ``model``."""
+    return score_policy(MPCPlanner(family, model, planner or grid.planner, seed).act, grid, family, seed, report,
+                        grid.evaluation.reward_episodes)
 
 
-def score_policy(act: ActFn, grid: Grid, family: EnvFamily, seed: int, report: Report) -> dict:
+def score_policy(act: ActFn, grid: Grid, family: EnvFamily, seed: int, report: Report, episodes: int) -> dict:
     """Reward of any policy (planner or model-free) on the test agents, reporting progress to Tune."""
     spec = grid.evaluation
     steps = spec.episode_steps(family.name)
     progress = max(1, steps // 10)
     return episode_rewards(
-        act, family, test_covariates(family), spec.test_agents, spec.reward_episodes, steps, seed,
+        act, family, test_covariates(family), spec.test_agents, episodes, steps, seed,
         on_step=lambda t: report({"stage": "reward", "episode_step": t + 1}) if (t + 1) % progress == 0 else None,
     )
 
@@ -84,6 +88,33 @@ def run_persim(grid: Grid, trial: dict, paths: TrialPaths, report: Report) -> di
     return {**fit_metrics, **evaluate_model(model, grid, family, trial["seed"], paths.policy_root, report)}
 
 
+def run_cadm(grid: Grid, trial: dict, paths: TrialPaths, report: Report) -> dict:
+    """Vanilla or PE-TS CaDM: fit offline, then the shared evaluation with CaDM's particle aggregation."""
+    from persim_bench.algos.cadm import fit_cadm
+
+    family = get_env(trial["env"])
+    data = read_dataset(paths.data_root, trial["env"], trial["regime"])
+    model, fit_metrics = fit_cadm(
+        data, grid.cadm, trial["seed"], probabilistic=trial["algo"] == "cadm_pets",
+        on_iteration=lambda i, m: report({"stage": "fit", "iteration": i + 1, **m}))
+    planner = grid.planner.model_copy(update={"aggregate": grid.cadm.aggregate})
+    return {**fit_metrics, **evaluate_model(model, grid, family, trial["seed"], paths.policy_root, report, planner)}
+
+
+def run_bcq(grid: Grid, trial: dict, paths: TrialPaths, report: Report) -> dict:
+    """BCQ-P (one policy on every agent) or BCQ-A (one per test agent, on its own trajectory), then the reward test."""
+    from persim_bench.algos.bcq import fit_bcq
+
+    family = get_env(trial["env"])
+    data = read_dataset(paths.data_root, trial["env"], trial["regime"])
+    check_test_agents(data.covariates, family)
+    agents = grid.evaluation.test_agents if trial["algo"] == "bcq_a" else None
+    policy, fit_metrics = fit_bcq(data, grid.bcq, trial["seed"], paths.work_dir, agents,
+                                  on_epoch=lambda epoch, m: report({"stage": "fit", "epoch": epoch, **m}))
+    return {**fit_metrics, **score_policy(policy.act, grid, family, trial["seed"], report,
+                                          grid.evaluation.policy_reward_episodes)}
+
+
 def run_true_env_mpc(grid: Grid, trial: dict, paths: TrialPaths, report: Report) -> dict:
     from persim_bench.algos.true_env import TrueEnvModel
 
@@ -96,7 +127,8 @@ def check_test_agents(covariates: np.ndarray, family: EnvFamily) -> None:
         raise ValueError(f"{family.name}: the dataset's agents 0-4 are not the paper's test agents")
 
 
-RUNNERS = {"persim": run_persim, "true_env_mpc": run_true_env_mpc}
+RUNNERS = {"persim": run_persim, "cadm_vanilla": run_cadm, "cadm_pets": run_cadm, "bcq_p": run_bcq, "bcq_a": run_bcq,
+           "true_env_mpc": run_true_env_mpc}
 
 
 def trial_configs(grid: Grid) -> list[dict]:

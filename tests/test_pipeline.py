@@ -14,13 +14,16 @@ TINY = {
     "seed": 0,
     "envs": ["cartpole"],
     "regimes": ["random"],
-    "algos": ["persim", "true_env_mpc"],
+    "algos": ["persim", "cadm_pets", "bcq_a", "true_env_mpc"],
     "seeds": [0],
     "data": {"n_agents": 8, "agents_per_shard": 8},
     "policies": {"test_budget": 300, "hidden": [16], "n_envs": 2},
     "persim": {"epochs": 2, "ensemble": 2, "state_hidden": [16], "rank": 2},
+    "cadm": {"hidden": [16], "context_hidden": [16], "iterations": 1, "epochs_per_iteration": 1,
+             "pets_members": 2, "pets_particles": 4},
+    "bcq": {"steps": 20, "steps_per_epoch": 10, "discrete_hidden": [16]},
     "planner": {"horizon": 5, "candidates": 20, "elites": 5},
-    "evaluation": {"prediction_trajectories": 2, "prediction_steps": 10, "burn_in": 2, "reward_episodes": 1,
+    "evaluation": {"prediction_trajectories": 2, "prediction_steps": 10, "burn_in": 2, "reward_episodes": 1, "policy_reward_episodes": 2,
                    "max_steps": {"cartpole": 20}},
 }
 
@@ -44,7 +47,9 @@ def test_run_logs_every_trial_under_one_parent_and_writes_tables(ray_cluster, wr
     parents = [r for r in runs if r.data.tags.get("persim_bench.parent") == "1"]
     children = [r for r in runs if "trial" in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert sorted(r.data.tags["trial"] for r in children) == ["persim-cartpole-random-r2-s0", "true-env-mpc-cartpole-s0"]
+    assert sorted(r.data.tags["trial"] for r in children) == [
+        "bcq-a-cartpole-random-s0", "cadm-pets-cartpole-random-s0", "persim-cartpole-random-r2-s0",
+        "true-env-mpc-cartpole-s0"]
     for run in children:
         assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert run.info.status == "FINISHED"
@@ -53,9 +58,18 @@ def test_run_logs_every_trial_under_one_parent_and_writes_tables(ray_cluster, wr
     assert "rmse_agent4" in persim.data.metrics and persim.data.params["persim.rank"] == "2"
     assert persim.data.tags["prediction_policy"].startswith("dqn-test:test-0-")
 
+    cadm = next(r for r in children if r.data.tags["algo"] == "cadm_pets")
+    assert "rmse_agent0" in cadm.data.metrics and cadm.data.params["cadm.pets_particles"] == "4"
+    bcq = next(r for r in children if r.data.tags["algo"] == "bcq_a")
+    assert bcq.data.metrics["transitions"] > 0 and any(k.endswith("_agent4") and "reward" not in k for k in bcq.data.metrics)
+    assert "rmse_agent0" not in bcq.data.metrics
+    assert "planner.horizon" not in bcq.data.params and bcq.data.params["bcq.steps"] == "20"
+
     table = (results / "tiny-pipeline" / "reward_cartpole.md").read_text()
-    assert "| random | PerSim |" in table and "| - | True env + MPC |" in table
-    assert "random,PerSim," in (results / "tiny-pipeline" / "prediction_cartpole.csv").read_text()
+    for row in ("| random | PerSim |", "| random | PE-TS CaDM |", "| random | BCQ-A |", "| - | True env + MPC |"):
+        assert row in table
+    prediction = (results / "tiny-pipeline" / "prediction_cartpole.csv").read_text()
+    assert "random,PerSim," in prediction and "random,PE-TS CaDM," in prediction and "BCQ" not in prediction
     for suffix in ("md", "csv", "tex"):
         assert (results / "tiny-pipeline" / f"prediction_cartpole.{suffix}").exists()
     artifacts = [a.path for a in client.list_artifacts(parents[0].info.run_id, "tables")]

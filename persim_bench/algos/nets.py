@@ -36,13 +36,19 @@ class EnsembleLinear(nn.Module):
         return torch.baddbmm(self.bias, self.weight, x)
 
 
-class EnsembleMLP(nn.Module):
-    """M independent ReLU MLPs with the same layer sizes; no activation after the last layer."""
+# ReLU runs in place (its backward needs only the output); swish (= SiLU) needs its input, so cannot.
+ACTIVATIONS = {"relu": torch.relu_, "swish": torch.nn.functional.silu}
 
-    def __init__(self, n_members: int, sizes: list[int], generator: torch.Generator | None = None):
+
+class EnsembleMLP(nn.Module):
+    """M independent MLPs with the same layer sizes (ReLU, or swish as CaDM); no activation after the last layer."""
+
+    def __init__(self, n_members: int, sizes: list[int], generator: torch.Generator | None = None,
+                 activation: str = "relu"):
         super().__init__()
         self.layers = nn.ModuleList(
             EnsembleLinear(n_members, fan_in, fan_out, generator) for fan_in, fan_out in zip(sizes[:-1], sizes[1:]))
+        self.activation = ACTIVATIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, B, in] (or [B, in]) -> [M, B, out]."""
@@ -51,5 +57,5 @@ class EnsembleMLP(nn.Module):
     def feature_major(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, in, B] (or [in, B]) -> [M, out, B]; hidden activations stay contiguous in this layout."""
         for layer in self.layers[:-1]:
-            x = torch.relu_(layer.feature_major(x))  # in place: saves a [M, hidden, B] allocation per layer
+            x = self.activation(layer.feature_major(x))  # ReLU in place: saves a [M, hidden, B] allocation
         return self.layers[-1].feature_major(x)

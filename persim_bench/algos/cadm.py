@@ -1,0 +1,282 @@
+"""CaDM (Lee et al. 2020), the paper's model-based baseline, ported from the public TF code.
+
+A context encoder reads an agent's last K real transitions (state delta, action) and outputs
+a context vector c. Forward dynamics f(s, a, c) predict the normalised next-state delta and
+backward dynamics b(s', a, c) the normalised previous-state delta; both read the same c, so
+the encoder has to capture what makes this agent's dynamics differ. Each context is trained
+on the next M transitions of its trajectory. Vanilla CaDM is one deterministic model; PE-TS
+CaDM is an ensemble of probabilistic models (Gaussian, soft-bounded log-variance) planned with
+trajectory sampling: particle p follows member p // (P / members) and draws a fresh sample
+every step (TS-inf).
+
+CaDM knows agents only through their recent transitions: after ``condition(obs, actions)`` on
+E real episodes, the third argument of ``step`` indexes those episodes, not agent ids.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from persim_bench.algos.nets import EnsembleMLP
+from persim_bench.config import CadmSpec
+from persim_bench.data.dataset import Transitions
+from persim_bench.envs import get_env
+
+VALID_WINDOWS_CAP = 5000  # the public code validates on at most this many context windows
+ROLLING_PERSISTENCY = 0.99
+
+
+class CadmModel(nn.Module):
+    """Context encoder + forward and backward dynamics, ``members`` copies; implements ``ContextualModel``."""
+
+    def __init__(self, env: str, members: int, particles: int, probabilistic: bool, history: int = 10,
+                 context_dim: int = 10, context_hidden: list[int] = (256, 128, 64),
+                 hidden: list[int] = (200, 200, 200, 200), seed: int = 0):
+        super().__init__()
+        if particles % members:
+            raise ValueError(f"particles ({particles}) must be a multiple of members ({members})")
+        family = get_env(env)
+        self.env, self.discrete, self.history = env, family.discrete, history
+        self.members, self.n_members, self.probabilistic = members, particles, probabilistic
+        self.obs_dim = d = family.obs_dim
+        self.action_width = a = family.n_actions if family.discrete else family.action_dim
+        gen = torch.Generator().manual_seed(seed)
+        self.encoder = EnsembleMLP(members, [history * (d + a), *context_hidden, context_dim], gen)
+        heads = 2 * d if probabilistic else d  # mean and log-variance
+        self.forward_net = EnsembleMLP(members, [d + a + context_dim, *hidden, heads], gen, activation="swish")
+        self.backward_net = EnsembleMLP(members, [d + a + context_dim, *hidden, d], gen, activation="swish")
+        # Soft bounds of the log-variance, learned (PETS): start at 0.5 and -10.
+        self.max_logvar = nn.Parameter(torch.full((d,), 0.5))
+        self.min_logvar = nn.Parameter(torch.full((d,), -10.0))
+        for name, width, fill in (("obs_mean", d, 0.0), ("obs_std", d, 1.0), ("delta_mean", d, 0.0),
+                                  ("delta_std", d, 1.0), ("back_mean", d, 0.0), ("back_std", d, 1.0),
+                                  ("act_mean", a, 0.0), ("act_std", a, 1.0),
+                                  ("history_act_mean", history * a, 0.0), ("history_act_std", history * a, 1.0)):
+            self.register_buffer(name, torch.full((width,), fill))
+        self.noise = torch.Generator().manual_seed(seed + 1)
+        self.context: torch.Tensor | None = None  # [members, E, context_dim] after ``condition``
+
+    @classmethod
+    def from_spec(cls, spec: CadmSpec, env: str, probabilistic: bool, seed: int) -> "CadmModel":
+        members, particles = (spec.pets_members, spec.pets_particles) if probabilistic else (1, 1)
+        return cls(env, members, particles, probabilistic, spec.history, spec.context_dim, spec.context_hidden,
+                   spec.hidden, seed)
+
+    # --- features -----------------------------------------------------------------------------
+
+    def action_features(self, action: torch.Tensor) -> torch.Tensor:
+        """One-hot (discrete) or the raw vector (continuous): what histories store."""
+        return nn.functional.one_hot(action.long(), self.action_width).float() if self.discrete else action.float()
+
+    def dynamics_action(self, features: torch.Tensor) -> torch.Tensor:
+        """Dynamics input from action features: z-scored when continuous (one-hot stays as is, as in the public code)."""
+        return features if self.discrete else (features - self.act_mean) / self.act_std
+
+    def context_input(self, delta: torch.Tensor, action: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Past deltas [..., K, D], action features [..., K, A], valid [..., K] -> encoder input [..., K * (D + A)].
+
+        Missing history (before the episode start) is zero, as in the public code's padded
+        buffers; deltas stay unnormalised there too (its ``state_diff`` mode), continuous
+        actions are z-scored over whole windows, padding included.
+        """
+        mask = valid.unsqueeze(-1).to(delta.dtype)
+        past_actions = (action * mask).flatten(-2)
+        if not self.discrete:
+            past_actions = (past_actions - self.history_act_mean) / self.history_act_std
+        return torch.cat([(delta * mask).flatten(-2), past_actions], dim=-1)
+
+    def predict(self, net: EnsembleMLP, obs: torch.Tensor, action: torch.Tensor, context: torch.Tensor):
+        """(mean, bounded log-variance or None) of a normalised delta; obs [members, R, D] raw."""
+        z = (obs - self.obs_mean) / self.obs_std
+        out = net(torch.cat([z, action.expand(z.shape[0], *action.shape[-2:]), context], dim=-1))
+        if net is self.backward_net or not self.probabilistic:
+            return out, None
+        mean, logvar = out.chunk(2, dim=-1)
+        logvar = self.max_logvar - nn.functional.softplus(self.max_logvar - logvar)
+        return mean, self.min_logvar + nn.functional.softplus(logvar - self.min_logvar)
+
+    def set_normalizer(self, obs, delta, action_features, history_actions) -> None:
+        """Mean/std of dynamics inputs and targets (and, continuous, of actions and action windows)."""
+        stats = [("obs", obs), ("delta", delta), ("back", -delta)]
+        if not self.discrete:
+            stats += [("act", action_features), ("history_act", history_actions)]
+        for prefix, values in stats:
+            std = values.std(dim=0)
+            getattr(self, f"{prefix}_mean").copy_(values.mean(dim=0))
+            getattr(self, f"{prefix}_std").copy_(torch.where(std > 1e-8, std, torch.ones_like(std)))
+
+    # --- the DynamicsModel / ContextualModel interface ------------------------------------------
+
+    @torch.no_grad()
+    def condition(self, obs: torch.Tensor, action: torch.Tensor) -> None:
+        """Contexts of E episodes from their real past: obs [E, T+1, D], actions [E, T(, A)]; uses the last K."""
+        obs = torch.as_tensor(obs, dtype=torch.float32)
+        features = self.action_features(torch.as_tensor(action))
+        e, t, k = obs.shape[0], obs.shape[1] - 1, self.history
+        delta = torch.zeros(e, k, self.obs_dim)
+        past = torch.zeros(e, k, self.action_width)
+        valid = torch.zeros(e, k, dtype=torch.bool)
+        n = min(t, k)  # the newest n transitions fill the window's right end
+        if n:
+            delta[:, k - n:] = obs[:, t - n + 1:] - obs[:, t - n:t]
+            past[:, k - n:] = features[:, t - n:].reshape(e, n, self.action_width)
+            valid[:, k - n:] = True
+        self.context = self.encoder(self.context_input(delta, past, valid))
+
+    @torch.no_grad()
+    def step(self, obs: torch.Tensor, action: torch.Tensor, episode: torch.Tensor) -> torch.Tensor:
+        """obs [P, B, D] (P = particles), action [B], episode [B] (rows of the last ``condition``) -> [P, B, D]."""
+        if self.context is None:
+            raise RuntimeError("CaDM needs condition(obs, actions) on the real episodes before step()")
+        p, b, d = obs.shape
+        per = p // self.members
+        state = obs.reshape(self.members, per * b, d)  # particle-major: member m owns particles m*per..
+        mean, logvar = self.predict(self.forward_net, state, self.dynamics_action(self.action_features(action)).repeat(per, 1),
+                                    self.context[:, episode].repeat(1, per, 1))
+        if logvar is not None:
+            mean = mean + torch.randn(mean.shape, generator=self.noise) * torch.exp(0.5 * logvar)
+        return obs + (self.delta_mean + self.delta_std * mean).reshape(p, b, d)
+
+
+def episode_starts(data: Transitions) -> np.ndarray:
+    """Index of the first row of each row's trajectory (rows are sorted by agent, t)."""
+    n = len(data)
+    first = np.ones(n, dtype=bool)
+    first[1:] = (data.agent[1:] != data.agent[:-1]) | (data.t[1:] != data.t[:-1] + 1)
+    return np.maximum.accumulate(np.where(first, np.arange(n), 0))
+
+
+def history_windows(starts: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows t-K..t-1 of row t's own trajectory (oldest first) and which of them exist: both [N, K]."""
+    index = np.arange(len(starts))[:, None] - k + np.arange(k)[None]
+    valid = index >= starts[:, None]
+    return np.where(valid, index, 0), valid
+
+
+def context_pairs(starts: np.ndarray, future: int) -> tuple[np.ndarray, np.ndarray]:
+    """(context row t, target row t + j) for j < M within one trajectory: each context predicts M transitions."""
+    n = len(starts)
+    target = np.arange(n)[:, None] + np.arange(future)[None]
+    source = np.broadcast_to(np.arange(n)[:, None], target.shape)
+    inside = target < n
+    inside[inside] = starts[target[inside]] == starts[source[inside]]
+    return source[inside], target[inside]
+
+
+def fit_cadm(data: Transitions, spec: CadmSpec, seed: int, probabilistic: bool,
+             on_iteration: Callable[[int, dict], None] | None = None) -> tuple[CadmModel, dict]:
+    """Train Vanilla (``probabilistic=False``) or PE-TS CaDM offline on ``data``, as the public code.
+
+    ``spec.iterations`` times: draw a fresh validation split of context windows and fresh
+    bootstrap samples per member (PE-TS), then up to ``epochs_per_iteration`` epochs, stopping
+    early when the rolling validation loss rises. Every draw comes from ``seed``.
+    """
+    if len(data) == 0:
+        raise ValueError(f"{data.env}/{data.regime}: no transitions to train CaDM on")
+    started = time.perf_counter()
+    init_seed, data_seed = np.random.SeedSequence(seed).generate_state(2)
+    model = CadmModel.from_spec(spec, data.env, probabilistic, int(init_seed))
+    tensors = training_tensors(model, data, spec.future)
+    source = tensors["source"]
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr, fused=True)
+    gen = torch.Generator().manual_seed(int(data_seed))
+    n_windows, members = len(data), model.members
+    metrics: dict = {}
+    epochs_run = 0
+    for iteration in range(spec.iterations):
+        n_valid = min(int(n_windows * spec.valid_split), VALID_WINDOWS_CAP)
+        held_out = torch.zeros(n_windows, dtype=torch.bool)
+        held_out[torch.randperm(n_windows, generator=gen)[:n_valid]] = True
+        train_pairs = torch.nonzero(~held_out[source]).squeeze(1)
+        valid_pairs = torch.nonzero(held_out[source]).squeeze(1)
+        n_train = len(train_pairs)
+        # PE-TS members each see a bootstrap resample; a single model sees every pair.
+        sample = (torch.randint(n_train, (members, n_train), generator=gen) if members > 1
+                  else torch.arange(n_train)[None])
+        rolling = previous = None
+        for _ in range(spec.epochs_per_iteration):
+            sample = sample.gather(1, torch.argsort(torch.rand(sample.shape, generator=gen), dim=1))
+            total = 0.0
+            model.train()
+            for begin in range(0, n_train, spec.batch_size):
+                pairs = train_pairs[sample[:, begin:begin + spec.batch_size]]
+                recon, _ = _losses(model, tensors, pairs, spec.back_coeff)
+                loss = recon + _weight_penalty(model, spec)
+                if probabilistic:
+                    loss = loss + 0.01 * (model.max_logvar.sum() - model.min_logvar.sum())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += recon.item() * pairs.shape[1]
+            epochs_run += 1
+            metrics = {"train_loss": total / (n_train * members)}
+            if not n_valid:
+                continue
+            with torch.no_grad():
+                recon, forward_mse = _losses(model, tensors, valid_pairs.expand(members, -1), spec.back_coeff)
+            loss_now = recon.item() / members
+            metrics.update(val_loss=loss_now, val_forward_mse=forward_mse.item() / members)
+            # The public code's early stop: a rolling average of the validation loss that rises.
+            if rolling is None:
+                rolling, previous = (1.5 * loss_now, 2 * loss_now) if loss_now >= 0 else (loss_now / 1.5, loss_now / 2)
+            rolling = ROLLING_PERSISTENCY * rolling + (1 - ROLLING_PERSISTENCY) * loss_now
+            if previous < rolling:
+                break
+            previous = rolling
+        if on_iteration:
+            on_iteration(iteration, {**metrics, "epochs": epochs_run})
+    model.eval()
+    return model, {**metrics, "epochs": epochs_run, "fit_seconds": time.perf_counter() - started}
+
+
+def training_tensors(model: CadmModel, data: Transitions, future: int) -> dict[str, torch.Tensor]:
+    """The dataset as tensors plus its history windows and (context, target) pairs; sets the model's normaliser."""
+    starts = episode_starts(data)
+    window, window_valid = (torch.as_tensor(x) for x in history_windows(starts, model.history))
+    source, target = (torch.as_tensor(x) for x in context_pairs(starts, future))
+    obs = torch.as_tensor(data.obs, dtype=torch.float32)
+    next_obs = torch.as_tensor(data.next_obs, dtype=torch.float32)
+    delta = next_obs - obs
+    features = model.action_features(torch.as_tensor(data.action))
+    model.set_normalizer(obs, delta, features, (features[window] * window_valid.unsqueeze(-1)).flatten(1))
+    return dict(obs=obs, next_obs=next_obs, delta=delta, features=features, window=window,
+                window_valid=window_valid, source=source, target=target)
+
+
+def row_contexts(model: CadmModel, tensors: dict, rows: torch.Tensor) -> torch.Tensor:
+    """Contexts of dataset rows (index tensor [members, B] or [B]) from their trajectory's K previous transitions."""
+    window = tensors["window"][rows]
+    return model.encoder(model.context_input(tensors["delta"][window], tensors["features"][window],
+                                             tensors["window_valid"][rows]))
+
+
+def _losses(model: CadmModel, tensors: dict, pairs: torch.Tensor, back_coeff: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(forward loss + back_coeff * backward MSE, forward MSE), each summed over members; pairs [members, B]."""
+    target = tensors["target"][pairs]
+    context = row_contexts(model, tensors, tensors["source"][pairs])
+    obs, next_obs = tensors["obs"][target], tensors["next_obs"][target]
+    action = model.dynamics_action(tensors["features"][target])
+    mean, logvar = model.predict(model.forward_net, obs, action, context)
+    error = (mean - (tensors["delta"][target] - model.delta_mean) / model.delta_std).square()
+    forward_mse = error.mean(dim=(1, 2)).sum()
+    forward = forward_mse if logvar is None else (error * torch.exp(-logvar) + logvar).mean(dim=(1, 2)).sum()
+    back, _ = model.predict(model.backward_net, next_obs, action, context)
+    back_target = (-tensors["delta"][target] - model.back_mean) / model.back_std
+    backward = (back - back_target).square().mean(dim=(1, 2)).sum()
+    return forward + back_coeff * backward, forward_mse
+
+
+def _weight_penalty(model: CadmModel, spec: CadmSpec) -> torch.Tensor:
+    """wd * 1/2 sum W^2 per layer: hidden layer i uses decay i, the output layer the last decay."""
+    total = torch.zeros(())
+    for net, decays in ((model.forward_net, spec.weight_decay), (model.backward_net, spec.weight_decay),
+                        (model.encoder, spec.context_weight_decay)):
+        for i, layer in enumerate(net.layers):
+            decay = decays[-1] if i == len(net.layers) - 1 else decays[i]
+            total = total + 0.5 * decay * layer.weight.square().sum()
+    return total
