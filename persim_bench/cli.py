@@ -5,41 +5,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from persim_bench.cluster import check_shared_storage, connect_ray
 from persim_bench.config import GridError, load_grid
 from persim_bench.data.dataset import DatasetError
 from persim_bench.data.policies import PolicyError
-
-
-def check_reachable(address: str, timeout: float = 5.0) -> None:
-    """Fail in seconds on a host:port nobody answers (ray.init would wait minutes for the GCS)."""
-    import socket
-
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise SystemExit(f"persim-bench: --address {address}: expected local, auto, host:port or ray://host:port")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError as err:
-        raise SystemExit(f"persim-bench: cannot reach Ray at --address {address}: {err}") from None
-
-
-def connect_ray(address: str) -> None:
-    """``local`` starts Ray on this machine; anything else (``auto``, ``ray://...``) attaches."""
-    import logging
-
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address not in ("local", "auto"):
-        check_reachable(address)
-    try:
-        if address == "local":
-            ray.init(include_dashboard=False, logging_level=logging.WARNING, configure_logging=True)
-        else:
-            ray.init(address=address, logging_level=logging.WARNING)
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        raise SystemExit(f"persim-bench: cannot reach Ray at --address {address}: {str(err).splitlines()[0]}")
 
 
 def grid_args(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +16,8 @@ def grid_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--env", action="append", help="only this env (repeatable)")
     parser.add_argument("--regime", action="append", help="only this data regime (repeatable)")
     parser.add_argument("--results", default="results", help="results folder (default: ./results)")
-    parser.add_argument("--address", default="local", help="Ray address: local (default), auto or ray://host:port")
+    parser.add_argument("--address", default="local",
+                        help="Ray address: local (default), auto, host:port or ray://host:port")
 
 
 def prepare_data(grid, results: Path, workers: int | None = None) -> tuple[Path, Path]:
@@ -73,31 +43,56 @@ def cmd_data(args) -> None:
 
 
 def cmd_run(args) -> None:
-    """datasets -> main (Tune) -> tables, with one MLflow parent run for the invocation."""
-    from persim_bench.orchestrate import RunContext, default_tracking_uri, run_main_stage, start_parent_run
+    """datasets -> rank_cv -> main (Tune) -> tables, under one MLflow parent run (continued by --resume)."""
+    from mlflow.tracking import MlflowClient
+
+    from persim_bench import orchestrate as orc
     from persim_bench.tables import write_tables
+    from persim_bench.trials import rank_cv_configs, trial_configs
 
     grid = load_grid(args.grid).narrowed(args.env, args.regime, args.algo, args.seed)
     results = Path(args.results).resolve()
-    tracking_uri = args.mlflow_uri or default_tracking_uri(results)
-    storage = args.storage or str(results / "ray")
+    if args.dry_run:
+        from persim_bench.estimate import estimate, format_estimate
+
+        print(format_estimate(grid, estimate(grid, data_root=results / "datasets" / grid.name)))
+        return
+    given_storage = args.storage and (args.storage if "://" in args.storage else str(Path(args.storage).resolve()))
+    state = orc.resume_state(results, grid, args.mlflow_uri, given_storage) if args.resume else None
+    tracking_uri = state["tracking_uri"] if state else args.mlflow_uri or orc.default_tracking_uri(results)
+    storage = state["storage"] if state else given_storage or str(results / "ray")
     connect_ray(args.address)
+    check_shared_storage({"--results": str(results), "--storage": storage})
     policy_root, data_root = prepare_data(grid, results)
 
-    artifact_root = None if args.mlflow_uri else results / "mlartifacts"
-    experiment_id, parent_run_id = start_parent_run(grid, tracking_uri, str(args.grid), artifact_root)
-    context = RunContext(grid.model_dump(), str(data_root), str(policy_root), tracking_uri, experiment_id,
-                         parent_run_id)
+    client = MlflowClient(tracking_uri)
+    if state:
+        client.update_run(state["parent_run_id"], status="RUNNING")
+    else:
+        artifact_root = None if args.mlflow_uri else results / "mlartifacts"
+        experiment_id, parent_run_id = orc.start_parent_run(grid, tracking_uri, str(args.grid), artifact_root)
+        state = orc.new_state(grid, tracking_uri, storage, experiment_id, parent_run_id)
+        orc.save_state(results, grid, state)
+    parent_run_id = state["parent_run_id"]
+    context = orc.RunContext(grid.model_dump(), str(data_root), str(policy_root), tracking_uri,
+                             state["experiment_id"], parent_run_id)
     print(f"[main] MLflow {tracking_uri} (parent run {parent_run_id}); Tune storage {storage}")
-    outcome = run_main_stage(grid, context, storage, name=f"{grid.name}-{parent_run_id[:8]}")
-    failed = [r for r in outcome if r.error is not None]
+    failed, chosen = [], None
+    cv_trials = rank_cv_configs(grid)
+    if cv_trials:
+        print(f"[rank_cv] {len(cv_trials)} trials: ranks {grid.persim.rank_grid}, "
+              f"{grid.persim.cv_holdout:.0%} of transitions held out")
+        failed += orc.run_stage(grid, cv_trials, context, storage, orc.stage_name(grid, "rank_cv", parent_run_id))
+        chosen = orc.choose_ranks(grid, context)
+        print("[rank_cv] chosen: " + ", ".join(f"{e}/{r}/s{s}: {k}" for (e, r, s), k in sorted(chosen.items())))
+    main_trials = trial_configs(grid, chosen)
+    failed += orc.run_stage(grid, main_trials, context, storage, orc.stage_name(grid, "main", parent_run_id))
 
-    from mlflow.tracking import MlflowClient
-
-    MlflowClient(tracking_uri).set_terminated(parent_run_id, "FAILED" if failed else "FINISHED")
+    client.set_terminated(parent_run_id, "FAILED" if failed else "FINISHED")
     out = write_tables(grid, tracking_uri, results, data_root)
     print((out / "tables.md").read_text())
-    print(f"{len(outcome) - len(failed)} trials finished, {len(failed)} failed; tables in {out}; "
+    total = len(cv_trials) + len(main_trials)
+    print(f"{total - len(failed)} trials finished, {len(failed)} failed; tables in {out}; "
           f"browse with `persim-bench ui --results {args.results}`")
     if failed:
         sys.exit(1)
@@ -146,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", action="append", type=int, help="only this seed (repeatable)")
     run.add_argument("--storage", help="Tune storage path or URI (default: <results>/ray)")
     run.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite:///<results>/mlflow.db)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the last interrupted run of this grid: finished trials are not rerun")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print trials per stage and an estimate of the CPU-hours, without starting Ray")
     run.set_defaults(func=cmd_run)
 
     tables = commands.add_parser("tables", help="write the paper's tables from MLflow to results/<grid>/")

@@ -79,7 +79,19 @@ def known_env_keys(value):
 class PersimSpec(Strict):
     """PerSim's model and training (paper App. D.1). Defaults are the paper's."""
 
-    rank: PositiveInt | dict[str, PositiveInt] = {"mountaincar": 3, "cartpole": 5, "halfcheetah": 20}
+    # "cv": the rank_cv stage picks it per env x regime from rank_grid (the paper); or pin it,
+    # once for all envs or per env (the paper's picks: 3 / 5 / 20).
+    rank: Literal["cv"] | PositiveInt | dict[str, PositiveInt] = "cv"
+    rank_grid: list[PositiveInt] = [3, 5, 10, 15, 20, 30]
+    # Share of transitions (random rows) held out to score each rank.
+    cv_holdout: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    # The pick: the smallest rank whose held-out loss is within (1 + cv_tolerance) x the lowest.
+    # Past the true rank the curve is flat and its minimum is noise; 0 takes the plain minimum.
+    cv_tolerance: Annotated[float, Field(ge=0)] = 0.5
+    # Cross-validate once per env x regime (with the grid's first seed) or once per seed.
+    cv_per_seed: bool = False
+    # The main stage also trains and evaluates PerSim at every rank of rank_grid (the full grid).
+    sweep_ranks: bool = False
     ensemble: PositiveInt = 5
     epochs: PositiveInt = 300
     batch_size: PositiveInt = 256
@@ -249,6 +261,16 @@ class EvaluationSpec(Strict):
         return self.max_steps.get(env, ENVS[env].horizon)
 
 
+class Resources(Strict):
+    """What one trial of an algorithm reserves on the Ray cluster."""
+
+    cpu: Annotated[float, Field(gt=0)] = 1.0
+    gpu: Annotated[float, Field(ge=0)] = 0.0
+
+
+STAGE_KEYS = (*ALGOS, "rank_cv")
+
+
 class Grid(Strict):
     name: str
     seed: Annotated[int, Field(ge=0)] = 0
@@ -264,6 +286,19 @@ class Grid(Strict):
     bcq: BCQSpec = BCQSpec()
     planner: PlannerSpec = PlannerSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
+    # Per algorithm (or "rank_cv"): CPUs/GPUs per trial; 1 CPU when absent.
+    resources: dict[str, Resources] = {}
+    # Times Tune restarts a trial whose worker or node died; errors of the trial's own code are
+    # recorded once and not retried (they would fail again).
+    max_failures: Annotated[int, Field(ge=0)] = 2
+
+    @field_validator("resources")
+    @classmethod
+    def _known_resource_keys(cls, value: dict) -> dict:
+        return check_known("algorithm or stage", value, STAGE_KEYS) and value
+
+    def trial_resources(self, key: str) -> Resources:
+        return self.resources.get(key, Resources())
 
     @field_validator("envs", "regimes", "algos")
     @classmethod
@@ -303,8 +338,32 @@ def grid_path(name_or_path: str | Path) -> Path:
     raise GridError(f"unknown grid {str(name_or_path)!r}; known: {', '.join(known)} (or a path to a .yaml)")
 
 
+def deep_merge(base: dict, override: dict) -> dict:
+    """``override`` on top of ``base``; nested mappings merge, anything else replaces."""
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(
+            merged.get(key), dict) else value
+    return merged
+
+
 def load_grid(name_or_path: str | Path) -> Grid:
+    """A grid file, validated. ``extends: <grid>`` starts from another grid's YAML and overrides parts of it."""
     path = grid_path(name_or_path)
+    raw = _load_raw(path, ())
+    try:
+        return Grid.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        message = first["msg"].removeprefix("Value error, ")
+        more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+        raise GridError(f"{path}: {field}: {message}{more}") from None
+
+
+def _load_raw(path: Path, seen: tuple[Path, ...]) -> dict:
+    if path.resolve() in seen:
+        raise GridError(f"{path}: extends itself ({' -> '.join(map(str, seen))})")
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
@@ -315,11 +374,10 @@ def load_grid(name_or_path: str | Path) -> Grid:
         raise GridError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
     if not isinstance(raw, dict):
         raise GridError(f"{path}: a grid must be a YAML mapping, got {type(raw).__name__}")
-    try:
-        return Grid.model_validate(raw)
-    except ValidationError as err:
-        first = err.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]) or "(top level)"
-        message = first["msg"].removeprefix("Value error, ")
-        more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
-        raise GridError(f"{path}: {field}: {message}{more}") from None
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise GridError(f"{path}: extends: expected a grid name or path, got {base!r}")
+    base_path = path.parent / base if base.endswith((".yaml", ".yml")) else grid_path(base)
+    return deep_merge(_load_raw(base_path, (*seen, path.resolve())), raw)

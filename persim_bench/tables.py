@@ -38,10 +38,76 @@ def latest_trial_runs(client, experiment_id: str) -> list:
     return list(newest.values())
 
 
+def method_key(run) -> str:
+    """The table row a run belongs to: its algorithm, or ``persim@r<rank>`` for the full grid's rank sweep."""
+    if run.data.params.get("rank_source") == "sweep":
+        return f"persim@r{run.data.params['rank']}"
+    return run.data.tags["algo"]
+
+
+def method_label(key: str) -> str:
+    algo, _, rank = key.partition("@r")
+    return METHOD_LABELS.get(algo, algo) + (f" (rank {rank})" if rank else "")
+
+
 def _row_order(key: tuple[str, str]) -> tuple:
     regime, method = key
+    algo, _, rank = method.partition("@r")
     methods = list(METHOD_LABELS)
-    return (REGIMES.index(regime) if regime in REGIMES else len(REGIMES), methods.index(method) if method in methods else 99)
+    return (REGIMES.index(regime) if regime in REGIMES else len(REGIMES),
+            methods.index(algo) if algo in methods else 99, int(rank or 0))
+
+
+def rank_cv_losses(runs: list) -> dict[tuple[str, str, int], dict[int, float]]:
+    """Held-out loss per rank of every finished rank_cv trial, by (env, regime, seed)."""
+    losses: dict[tuple[str, str, int], dict[int, float]] = defaultdict(dict)
+    for run in runs:
+        if run.data.tags.get("stage") == "rank_cv" and run.info.status == "FINISHED":
+            key = run.data.tags["env"], run.data.tags["regime"], int(run.data.tags["seed"])
+            losses[key][int(run.data.params["rank"])] = run.data.metrics["val_loss"]
+    return losses
+
+
+def best_ranks(runs: list, tolerance: float) -> dict[tuple[str, str, int], int]:
+    """rank_cv's pick per (env, regime, seed): the smallest rank within (1 + tolerance) x the lowest loss."""
+    return {key: min(rank for rank, loss in per_rank.items() if loss <= (1 + tolerance) * min(per_rank.values()))
+            for key, per_rank in rank_cv_losses(runs).items()}
+
+
+def rank_cv_table(runs: list, tolerance: float) -> dict:
+    """Held-out loss per rank for every (env, regime, seed) cross-validated; the pick is starred."""
+    chosen = best_ranks(runs, tolerance)
+    losses = rank_cv_losses(runs)
+    ranks = sorted({rank for per_rank in losses.values() for rank in per_rank})
+    rows = [[env, regime, str(seed), str(chosen[env, regime, seed])] +
+            [(f"{per_rank[r]:.4g}" + ("*" if r == chosen[env, regime, seed] else "")) if r in per_rank else "-"
+             for r in ranks]
+            for (env, regime, seed), per_rank in sorted(losses.items(), key=lambda item: (
+                item[0][0], REGIMES.index(item[0][1]) if item[0][1] in REGIMES else 99, item[0][2]))]
+    return {"title": f"Rank cross-validation: held-out loss (normalised-delta MSE) per rank; * = chosen "
+                     f"(smallest rank within {1 + tolerance:g}x the lowest)",
+            "columns": ["env", "regime", "seed", "chosen"] + [f"rank {r}" for r in ranks], "rows": rows}
+
+
+def rank_cv_figure(table: dict, path: Path) -> None:
+    """Held-out loss against rank, one panel per env, one line per regime (and seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ranks = [int(c.removeprefix("rank ")) for c in table["columns"][4:]]
+    envs = sorted({row[0] for row in table["rows"]})
+    fig, axes = plt.subplots(1, len(envs), figsize=(4.5 * len(envs), 3.5), squeeze=False)
+    for ax, env in zip(axes[0], envs):
+        for row in (r for r in table["rows"] if r[0] == env):
+            points = [(rank, float(v.rstrip("*"))) for rank, v in zip(ranks, row[4:]) if v != "-"]
+            ax.plot(*zip(*points), marker="o", label=f"{row[1]} s{row[2]}")
+        ax.set(title=env, xlabel="rank", ylabel="held-out loss", yscale="log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def build_tables(runs: list, grid: Grid) -> dict[str, dict]:
@@ -52,14 +118,14 @@ def build_tables(runs: list, grid: Grid) -> dict[str, dict]:
         groups: dict[tuple[str, str], list] = defaultdict(list)
         for run in runs:
             tags = run.data.tags
-            if tags.get("env") == env and run.info.status == "FINISHED":
-                groups[tags["regime"], tags["algo"]].append(run.data.metrics)
+            if tags.get("env") == env and run.info.status == "FINISHED" and tags.get("stage", "main") == "main":
+                groups[tags["regime"], method_key(run)].append(run.data.metrics)
         columns = ["regime", "method"] + [agent_label(env, a) for a in agents]
         prediction, reward = [], []
         for key in sorted(groups, key=_row_order):
             regime, algo = key
             seeds = groups[key]
-            label = [regime if regime != "none" else "-", METHOD_LABELS.get(algo, algo)]
+            label = [regime if regime != "none" else "-", method_label(algo)]
             if all(f"rmse_agent{a}" in m for m in seeds for a in agents):
                 prediction.append(label + [
                     f"{_mean(seeds, f'rmse_agent{a}'):.4g} ({_mean(seeds, f'r2_agent{a}'):.3f})" for a in agents])
@@ -187,6 +253,10 @@ def write_tables(grid: Grid, tracking_uri: str, results: Path, data_root: Path) 
     out = results / grid.name
     out.mkdir(parents=True, exist_ok=True)
     tables = {"datasets": dataset_table(grid, data_root), **build_tables(runs, grid)}
+    if any(run.data.tags.get("stage") == "rank_cv" for run in runs):
+        tables["rank_cv"] = rank_cv_table(runs, grid.persim.cv_tolerance)
+        if tables["rank_cv"]["rows"]:
+            rank_cv_figure(tables["rank_cv"], out / "rank_cv.png")
     summary = [f"# {grid.name}: tables\n"]
     if (out / "policies.md").exists():
         summary.append((out / "policies.md").read_text())

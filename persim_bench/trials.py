@@ -81,10 +81,13 @@ def run_persim(grid: Grid, trial: dict, paths: TrialPaths, report: Report) -> di
     family = get_env(trial["env"])
     data = read_dataset(paths.data_root, trial["env"], trial["regime"])
     check_test_agents(data.covariates, family)
+    if trial["rank"] is None:
+        raise ValueError(f"{trial['env']}/{trial['regime']}: rank_cv chose no rank (all its trials failed)")
     spec = grid.persim.model_copy(update={"rank": trial["rank"]})
     model, fit_metrics = fit_persim(
-        data, spec, trial["seed"],
+        data, spec, trial["seed"], device=fit_device(grid, "persim"),
         on_epoch=lambda epoch, m: report({"stage": "fit", "epoch": epoch + 1, **m}))
+    model = model.cpu()  # planning and evaluation run on the CPU
     return {**fit_metrics, **evaluate_model(model, grid, family, trial["seed"], paths.policy_root, report)}
 
 
@@ -122,27 +125,87 @@ def run_true_env_mpc(grid: Grid, trial: dict, paths: TrialPaths, report: Report)
     return plan_and_score(TrueEnvModel(family, test_covariates(family)), grid, family, trial["seed"], report)
 
 
+def fit_device(grid: Grid, key: str) -> str:
+    """PerSim trains on the GPU when the grid reserves one for the trial (and Ray gave it one)."""
+    import torch
+
+    return "cuda" if grid.trial_resources(key).gpu > 0 and torch.cuda.is_available() else "cpu"
+
+
 def check_test_agents(covariates: np.ndarray, family: EnvFamily) -> None:
     if not np.allclose(covariates[: len(family.test_agents)], family.test_agents):
         raise ValueError(f"{family.name}: the dataset's agents 0-4 are not the paper's test agents")
 
 
+def run_rank_cv(grid: Grid, trial: dict, paths: TrialPaths, report: Report) -> dict:
+    """One candidate rank of the paper's cross-validation: PerSim fitted with a share of transitions held out."""
+    from persim_bench.algos.persim import fit_persim
+
+    data = read_dataset(paths.data_root, trial["env"], trial["regime"])
+    curve = []
+
+    def on_epoch(epoch: int, metrics: dict) -> None:
+        curve.append(metrics["val_loss"])
+        report({"stage": "fit", "epoch": epoch + 1, **metrics})
+
+    spec = grid.persim.model_copy(update={"rank": trial["rank"]})
+    _, metrics = fit_persim(data, spec, trial["seed"], holdout=grid.persim.cv_holdout, on_epoch=on_epoch,
+                            device=fit_device(grid, "rank_cv"))
+    return {**metrics, "val_loss_curve": curve}
+
+
 RUNNERS = {"persim": run_persim, "cadm_vanilla": run_cadm, "cadm_pets": run_cadm, "bcq_p": run_bcq, "bcq_a": run_bcq,
-           "true_env_mpc": run_true_env_mpc}
+           "true_env_mpc": run_true_env_mpc, "rank_cv": run_rank_cv}
 
 
-def trial_configs(grid: Grid) -> list[dict]:
-    """One trial per (algo, env, regime, seed[, rank]) with a deterministic name; data-free algos skip regime."""
+def runner_key(trial: dict) -> str:
+    return "rank_cv" if trial["stage"] == "rank_cv" else trial["algo"]
+
+
+def rank_cv_configs(grid: Grid) -> list[dict]:
+    """The rank_cv stage: PerSim per env x regime (x seed if cv_per_seed) x rank of the rank grid."""
+    if "persim" not in grid.algos or grid.persim.rank != "cv":
+        return []
+    seeds = grid.seeds if grid.persim.cv_per_seed else grid.seeds[:1]
+    return [{"stage": "rank_cv", "algo": "persim", "env": env, "regime": regime, "seed": seed, "rank": rank,
+             "name": f"rank-cv-{env}-{regime}-r{rank}-s{seed}"}
+            for env in grid.envs for regime in grid.regimes for seed in seeds for rank in grid.persim.rank_grid]
+
+
+def cv_key(grid: Grid, env: str, regime: str, seed: int) -> tuple[str, str, int]:
+    """Which rank_cv result decides a main trial's rank: its own seed's, or the first seed's."""
+    return env, regime, seed if grid.persim.cv_per_seed else grid.seeds[0]
+
+
+def trial_configs(grid: Grid, chosen_ranks: dict[tuple[str, str, int], int] | None = None) -> list[dict]:
+    """The main stage: one trial per (algo, env, regime, seed[, rank]) with a deterministic name.
+
+    Data-free algorithms skip the regime. PerSim's rank is pinned by the grid or comes from
+    ``chosen_ranks`` (rank_cv's picks; a missing pick leaves rank None, which the trial reports
+    as its failure); ``sweep_ranks`` adds a trial for every other rank of the rank grid.
+    """
     trials = []
     for algo in grid.algos:
         for env in grid.envs:
             for regime in grid.regimes if algo != "true_env_mpc" else ["none"]:
                 for seed in grid.seeds:
-                    trial = {"algo": algo, "env": env, "regime": regime, "seed": seed}
-                    if algo == "persim":
-                        trial["rank"] = per_env(grid.persim.rank, env)
-                    parts = [algo.replace("_", "-"), env] + ([regime] if regime != "none" else [])
-                    parts += [f"r{trial['rank']}"] if "rank" in trial else []
-                    trial["name"] = "-".join(parts + [f"s{seed}"])
-                    trials.append(trial)
+                    base = {"stage": "main", "algo": algo, "env": env, "regime": regime, "seed": seed}
+                    if algo != "persim":
+                        trials.append(_named(base))
+                        continue
+                    if grid.persim.rank == "cv":
+                        rank, source = (chosen_ranks or {}).get(cv_key(grid, env, regime, seed)), "cv"
+                    else:
+                        rank, source = per_env(grid.persim.rank, env), "pinned"
+                    trials.append(_named({**base, "rank": rank, "rank_source": source}))
+                    if grid.persim.sweep_ranks:
+                        trials += [_named({**base, "rank": other, "rank_source": "sweep"})
+                                   for other in grid.persim.rank_grid if other != rank]
     return trials
+
+
+def _named(trial: dict) -> dict:
+    parts = [trial["algo"].replace("_", "-"), trial["env"]] + ([trial["regime"]] if trial["regime"] != "none" else [])
+    if "rank" in trial:
+        parts.append(f"r{trial['rank'] if trial['rank'] is not None else 'cv'}")
+    return {**trial, "name": "-".join(parts + [f"s{trial['seed']}"])}
