@@ -104,9 +104,10 @@ def run_trial(config: dict, context: RunContext) -> None:
                   "algo": trial["algo"], "env": trial["env"], "regime": trial["regime"],
                   "seed": str(trial["seed"])}).info.run_id
         client.log_batch(run_id, params=[Param(k, v) for k, v in trial_params(context.grid, trial).items()])
-    else:
+    else:  # a restart after the worker died, or a resumed invocation
         run_id = earlier.info.run_id
         client.update_run(run_id, status="RUNNING")
+        client.set_tag(run_id, "attempts", str(int(earlier.data.tags.get("attempts", "1")) + 1))
     client.set_tag(run_id, "node", ray.get_runtime_context().get_node_id())
     paths = TrialPaths(Path(context.data_root), Path(context.policy_root), Path(tune.get_context().get_trial_dir()))
     try:
