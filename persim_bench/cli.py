@@ -53,9 +53,10 @@ def cmd_run(args) -> None:
     grid = load_grid(args.grid).narrowed(args.env, args.regime, args.algo, args.seed)
     results = Path(args.results).resolve()
     if args.dry_run:
-        from persim_bench.estimate import estimate, format_estimate
+        from persim_bench.estimate import estimate, format_estimate, measure_rate
 
-        print(format_estimate(grid, estimate(grid, data_root=results / "datasets" / grid.name)))
+        rate = measure_rate()
+        print(format_estimate(grid, estimate(grid, rate=rate, data_root=results / "datasets" / grid.name), rate))
         return
     given_storage = args.storage and (args.storage if "://" in args.storage else str(Path(args.storage).resolve()))
     state = orc.resume_state(results, grid, args.mlflow_uri, given_storage) if args.resume else None

@@ -109,6 +109,10 @@ def test_a_failed_trial_is_recorded_and_the_grid_goes_on(ray_cluster, write_grid
     ({"algos": ["persim", "dreamer"]}, "algos: unknown algorithm 'dreamer'"),
     ({"persim": {"rank": 0}}, "persim.rank"),
     ({"persim": {"rank": {"cartpole": -3}}}, "persim.rank"),
+    ({"persim": {"rank_grid": [3, 0]}}, "persim.rank_grid.1: Input should be greater than 0"),
+    ({"resources": {"dreamer": {"cpu": 1}}}, "resources: unknown algorithm or stage 'dreamer'"),
+    ({"cadm": {"pets_particles": 7}}, "cadm: pets_particles \\(7\\) must be a multiple"),
+    ({"extends": "no-such-grid"}, "unknown grid 'no-such-grid'"),
 ])
 def test_bad_grids_fail_before_ray(write_grid, change, message):
     with pytest.raises(GridError, match=message):
