@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 
 from persim_bench.algos.cadm import VALID_WINDOWS_CAP
-from persim_bench.algos.persim import STEP_CHUNK
+from persim_bench.algos.nets import STEP_CHUNK
 from persim_bench.config import Grid, PlannerSpec, per_env
 from persim_bench.data import rl
 from persim_bench.data.dataset import DatasetError, dataset_dir, read_manifest
@@ -63,10 +63,10 @@ from persim_bench.trials import rank_cv_configs, trial_configs
 ELEMENTWISE = 32                # multiply-add equivalents per output unit and row: bias, activation, memory
 # A layer whose output (rows per call x width floats) exceeds CACHE_BYTES is written to freshly
 # allocated pages: its activation and bias cost 3x (measured: relu and swish at 2 ns per unit vs
-# 0.1-0.4 ns below ~4 MB). It hits CaDM's unchunked planner steps (20k-100k rows), not PerSim's chunks.
+# 0.1-0.4 ns below ~4 MB). Planner steps run in chunks below it; large training and validation batches hit it.
 CACHE_BYTES = 4e6
 STREAM_ELEMENTWISE = 96
-SWISH_STREAM_ELEMENTWISE = 180  # swish cannot run in place, unlike ReLU
+SWISH_STREAM_ELEMENTWISE = 180  # swish runs in place only without gradients
 LAYER_SECONDS = 30e-6           # kernel dispatch of one dense layer per forward call
 STEP_SECONDS = {                # one gradient step beyond its layers
     "ours": 1.5e-3,             # PerSim / CaDM: index gathers, loss, fused Adam
@@ -135,7 +135,7 @@ class Dynamics:
     env: str
     nets: tuple[tuple[int, ...], ...] = ()
     members: int = 1
-    chunk: int | None = None            # PerSim steps rows in chunks; None: one call
+    chunk: int | None = None            # rows per call (planner steps run in chunks); None: one call
     encoder: tuple[int, ...] | None = None  # CaDM's context encoder, run once per decision
     swish: bool = False                 # CaDM's dynamics nets
     call_seconds: float = 0.0           # per call, beyond the nets
@@ -312,7 +312,10 @@ def trial_seconds(grid: Grid, trial: dict, rows: int, rate: float) -> float:
         probabilistic = algo == "cadm_pets"
         encoder, forward, _ = cadm_nets(grid, env, probabilistic)
         particles = grid.cadm.pets_particles if probabilistic else 1
-        model = Dynamics(env, (forward,), particles, encoder=encoder, swish=True, call_seconds=CADM_STEP_SECONDS)
+        members = grid.cadm.pets_members if probabilistic else 1
+        # CaDM's step chunks STEP_CHUNK rows per net member, i.e. particles / members rows per state.
+        chunk = max(1, STEP_CHUNK * members // particles)
+        model = Dynamics(env, (forward,), particles, chunk, encoder=encoder, swish=True, call_seconds=CADM_STEP_SECONDS)
         fit = cadm_fit_seconds(grid, env, rows, probabilistic, rate)
         return fit + prediction_seconds(grid, env, model, rate) + mpc_reward_seconds(grid, env, model, rate)
     policies = len(grid.evaluation.test_agents) if algo == "bcq_a" else 1

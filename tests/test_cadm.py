@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from persim_bench.algos.nets import STEP_CHUNK
 from persim_bench.algos.cadm import (CadmModel, context_pairs, episode_starts, fit_cadm, row_contexts,
                                      training_tensors)
 from persim_bench.config import CadmSpec, PlannerSpec
@@ -105,7 +106,27 @@ def test_pets_samples_spread_as_the_predicted_variance():
         predicted_var = (torch.exp(logvar[member, 0]) * 4.0)
         torch.testing.assert_close(samples.var(dim=0) / predicted_var, torch.ones(family.obs_dim), atol=0.06, rtol=0)
         torch.testing.assert_close(samples.mean(dim=0), model.delta_mean + 2.0 * mean[member, 0],
-                                   atol=float(4 * predicted_var.sqrt().max() / np.sqrt(len(samples))), rtol=0)
+                                   atol=float(4 * predicted_var.detach().sqrt().max() / np.sqrt(len(samples))), rtol=0)
+
+
+@pytest.mark.parametrize("env", ["cartpole", "halfcheetah"])
+def test_step_in_chunks_equals_one_pass(env):
+    """The planner's step runs STEP_CHUNK rows per call (with in-place swish): same numbers as one pass."""
+    family = get_env(env)
+    model = CadmModel(env, members=2, particles=4, probabilistic=False, context_hidden=[16], hidden=[32, 32])
+    history = torch.as_tensor(family.random_actions(np.random.default_rng(1), 3 * 4)).reshape(3, 4, *([] if family.discrete else [-1]))
+    model.condition(torch.randn(3, 5, family.obs_dim), history)
+    rows = STEP_CHUNK + 37  # x 2 particles per member: three chunks, the last one partial
+    obs = torch.randn(4, rows, family.obs_dim)
+    action = torch.as_tensor(family.random_actions(np.random.default_rng(0), rows))
+    episode = torch.randint(0, 3, (rows,))
+    next_obs = model.step(obs, action, episode)
+    with torch.enable_grad():  # out-of-place swish, one call over all rows
+        features = model.dynamics_action(model.action_features(action)).repeat(2, 1)
+        mean, _ = model.predict(model.forward_net, obs.reshape(2, 2 * rows, -1), features,
+                                model.context[:, episode].repeat(1, 2, 1))
+    whole = obs + (model.delta_mean + model.delta_std * mean.detach()).reshape(4, rows, -1)
+    torch.testing.assert_close(next_obs, whole)
 
 
 @pytest.mark.parametrize("probabilistic", [False, True])

