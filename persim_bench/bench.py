@@ -19,6 +19,11 @@ from persim_bench.config import Grid
 from persim_bench.envs import get_env
 
 
+# PerSim's rank in the model benchmarks (grids pick it by cross-validation): the paper's true
+# MountainCar rank, and the ranks this project first ran CartPole and HalfCheetah at.
+BENCH_RANK = {"mountaincar": 3, "cartpole": 5, "halfcheetah": 20}
+
+
 def timed(fn, repeats: int = 3) -> float:
     """Best wall time of ``repeats`` calls: the least disturbed by other load on the machine."""
     best = float("inf")
@@ -151,7 +156,7 @@ def ensemble_batched_vs_sequential(env: str, n_agents: int, steps: int, state_hi
     from persim_bench.config import PersimSpec
 
     data = persim_data(env, n_agents, steps)
-    spec = PersimSpec(epochs=epochs, ensemble=5, state_hidden=state_hidden)
+    spec = PersimSpec(epochs=epochs, ensemble=5, state_hidden=state_hidden, rank=BENCH_RANK[env])
     batched = timed(lambda: fit_persim(data, spec, seed=0), repeats=2)  # best of 2: the first pays warm-up
     single = spec.model_copy(update={"ensemble": 1})
     sequential = timed(lambda: [fit_persim(data, single, seed=m) for m in range(5)], repeats=2)
@@ -176,7 +181,7 @@ def planner_throughput_vs_matmul(rows: int) -> dict:
     from persim_bench.algos.persim import PerSimEnsemble
 
     family = get_env("halfcheetah")
-    model = PerSimEnsemble("halfcheetah", 500, 20, 5, [256, 512, 512], [256, 256]).eval()
+    model = PerSimEnsemble("halfcheetah", 500, BENCH_RANK["halfcheetah"], 5, [256, 512, 512], [256, 256]).eval()
     per_member = rows // 5
     obs, action = torch.randn(5, per_member, family.obs_dim), torch.rand(per_member, family.action_dim) * 2 - 1
     agent = torch.zeros(per_member, dtype=torch.long)
@@ -190,6 +195,40 @@ def planner_throughput_vs_matmul(rows: int) -> dict:
             "ours_s": seconds, "baseline_s": flops / limit, "ratio": achieved / limit, "target": 0.5}
 
 
+def cadm_step_chunked_vs_one_pass(env: str, rows: int) -> dict:
+    """PE-TS CaDM at paper sizes (5 members, 20 particles): the planner's step (STEP_CHUNK rows per call,
+    in-place swish) vs the same rows in one call with out-of-place swish, as the step first ran."""
+    import torch
+
+    from persim_bench.algos.cadm import CadmModel
+
+    family = get_env(env)
+    model = CadmModel(env, members=5, particles=20, probabilistic=True)
+    rng = np.random.default_rng(0)
+    history = torch.as_tensor(family.random_actions(rng, 5 * 10)).reshape(5, 10, *([] if family.discrete else [-1]))
+    model.condition(torch.randn(5, 11, family.obs_dim), history)
+    obs = torch.randn(20, rows, family.obs_dim)
+    action, episode = torch.as_tensor(family.random_actions(rng, rows)), torch.arange(rows) % 5
+    features = model.dynamics_action(model.action_features(action)).repeat(4, 1)
+    context = model.context[:, episode].repeat(1, 4, 1)
+
+    def one_pass():
+        with torch.enable_grad():
+            mean, logvar = model.predict(model.forward_net, obs.reshape(5, 4 * rows, -1), features, context)
+            mean = mean + torch.randn(mean.shape, generator=model.noise) * torch.exp(0.5 * logvar)
+            return obs + (model.delta_mean + model.delta_std * mean).reshape(obs.shape)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a 1-CPU trial, where Ray sets OMP_NUM_THREADS=1
+    try:
+        chunked, whole = timed(lambda: model.step(obs, action, episode), repeats=5), timed(one_pass, repeats=5)
+    finally:
+        torch.set_num_threads(threads)
+    return {"what": f"{env}: PE-TS CaDM planner step ({20 * rows:,} particle rows, 1 thread) chunked + in-place "
+                    "vs one pass",
+            "ours_s": chunked, "baseline_s": whole, "ratio": whole / chunked, "target": 1.1}
+
+
 def mpc_decision_latency(env: str) -> dict:
     """One MPC decision for one episode at paper planner settings with a paper-size PerSim ensemble."""
     import numpy as np
@@ -199,7 +238,7 @@ def mpc_decision_latency(env: str) -> dict:
     from persim_bench.planning import MPCPlanner
 
     family = get_env(env)
-    model = PerSimEnsemble.from_spec(PersimSpec(), env, 500, seed=0).eval()
+    model = PerSimEnsemble.from_spec(PersimSpec(rank=BENCH_RANK[env]), env, 500, seed=0).eval()
     planner = MPCPlanner(family, model, PlannerSpec(), seed=0)
     obs = family.batch(np.asarray([family.default_covariates])).reset(np.random.default_rng(0))
     seconds = timed(lambda: planner.act(obs, np.zeros(1, dtype=np.int64)))
@@ -212,6 +251,8 @@ def model_benchmarks(quick: bool) -> list[dict]:
         ensemble_batched_vs_sequential("mountaincar", int(100 * scale), 500, [256], epochs=2),
         ensemble_batched_vs_sequential("halfcheetah", int(50 * scale), 200, [256, 512, 512], epochs=1),
         planner_throughput_vs_matmul(5 * 1000 if not quick else 1000),
+        cadm_step_chunked_vs_one_pass("mountaincar", 5000 if not quick else 1000),
+        cadm_step_chunked_vs_one_pass("halfcheetah", 1000 if not quick else 200),
     ]
 
 

@@ -1,0 +1,22 @@
+"""The benchmark commands run end to end at quick sizes and report well-formed rows.
+
+Speed targets are not asserted here (they live in the README's benchmark tables); a benchmark
+that crashes or measures nothing is.
+"""
+import math
+
+from persim_bench import bench
+
+
+def test_model_benchmarks_report_a_positive_time_and_ratio_per_row():
+    rows = bench.model_benchmarks(quick=True)
+    assert len(rows) == 5
+    for row in rows:
+        assert row["ours_s"] > 0 and row["baseline_s"] > 0 and math.isfinite(row["ratio"]) and row["ratio"] > 0
+    table = bench.render(rows)
+    assert table.count("\n") == len(rows) + 1 and "PE-TS CaDM planner step" in table
+
+
+def test_mpc_decision_latency_uses_a_paper_size_ensemble():
+    row = bench.mpc_decision_latency("cartpole")
+    assert row["seconds"] > 0 and "cartpole" in row["what"]
