@@ -214,9 +214,8 @@ def cadm_step_chunked_vs_one_pass(env: str, rows: int) -> dict:
 
     def one_pass():
         with torch.enable_grad():
-            mean, logvar = model.predict(model.forward_net, obs.reshape(5, 4 * rows, -1), features, context)
-            mean = mean + torch.randn(mean.shape, generator=model.noise) * torch.exp(0.5 * logvar)
-            return obs + (model.delta_mean + model.delta_std * mean).reshape(obs.shape)
+            delta = model.sample_delta(obs.reshape(5, 4 * rows, -1), features, context)
+            return obs + (model.delta_mean + model.delta_std * delta).reshape(obs.shape)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a 1-CPU trial, where Ray sets OMP_NUM_THREADS=1

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from persim_bench.algos.nets import STEP_CHUNK, EnsembleMLP
+from persim_bench.algos.nets import EnsembleMLP, in_row_chunks
 from persim_bench.config import CadmSpec
 from persim_bench.data.dataset import Transitions
 from persim_bench.envs import get_env
@@ -137,15 +137,15 @@ class CadmModel(nn.Module):
         state = obs.reshape(self.members, per * b, d)  # particle-major: member m owns particles m*per..
         action = self.dynamics_action(self.action_features(action)).repeat(per, 1)
         context = self.context[:, episode].repeat(1, per, 1)
-        parts = []
-        for start in range(0, per * b, STEP_CHUNK):  # chunks keep the activations in cache, as PerSim's step
-            rows = slice(start, start + STEP_CHUNK)
-            mean, logvar = self.predict(self.forward_net, state[:, rows], action[rows], context[:, rows])
-            if logvar is not None:
-                mean = mean + torch.randn(mean.shape, generator=self.noise) * torch.exp(0.5 * logvar)
-            parts.append(mean)
-        mean = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        return obs + (self.delta_mean + self.delta_std * mean).reshape(p, b, d)
+        delta = in_row_chunks(lambda rows: self.sample_delta(state[:, rows], action[rows], context[:, rows]), per * b)
+        return obs + (self.delta_mean + self.delta_std * delta).reshape(p, b, d)
+
+    def sample_delta(self, state: torch.Tensor, action: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Normalised next-state delta: the forward net's mean, plus (PE-TS) a draw from its predicted variance."""
+        mean, logvar = self.predict(self.forward_net, state, action, context)
+        if logvar is None:
+            return mean
+        return mean + torch.randn(mean.shape, generator=self.noise) * torch.exp(0.5 * logvar)
 
 
 def episode_starts(data: Transitions) -> np.ndarray:

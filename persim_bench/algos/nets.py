@@ -46,6 +46,12 @@ def swish(x: torch.Tensor) -> torch.Tensor:
 # the planner's 5 x 5000-row MountainCar step about 1.5x faster here (PerSim and CaDM).
 STEP_CHUNK = 512
 
+
+def in_row_chunks(predict, rows: int) -> torch.Tensor:
+    """``predict(slice)`` -> [M, r, ...] over consecutive STEP_CHUNK-row slices of ``rows``, joined along rows."""
+    parts = [predict(slice(start, start + STEP_CHUNK)) for start in range(0, rows, STEP_CHUNK)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
 # ReLU runs in place always (its backward needs only the output).
 ACTIVATIONS = {"relu": torch.relu_, "swish": swish}
 
