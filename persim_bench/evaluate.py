@@ -1,4 +1,5 @@
-"""The one evaluation path for every algorithm: prediction error and episode reward.
+"""The one evaluation path for every algorithm: prediction error and episode reward, and the trial-level
+helpers every run function shares (read the data, score a model or a policy).
 
 Both run all (test agent x trajectory) pairs together in one batched real simulator.
 Prediction error (paper Sec. 6.2, App. F): from an observed state, roll the model open loop
@@ -9,14 +10,23 @@ Reward (Sec. 6.3): undiscounted return of a policy acting on the real env.
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 
-from persim_bench.algos.base import ContextualModel, DynamicsModel
-from persim_bench.data.behaviour import BehaviourPolicy
+from persim_bench.algos.base import ContextualModel, DynamicsModel, Trial, TrialContext
+from persim_bench.data.behaviour import PREDICTION_POLICY_NAME, BehaviourPolicy, EpsilonMixture, prediction_policy
+from persim_bench.data.dataset import DatasetError, Transitions, read_dataset
+from persim_bench.data.policies import load_policy, prediction_policy_path
+from persim_bench.envs import get_env
 from persim_bench.envs.base import EnvFamily
+from persim_bench.planning import MPCPlanner
+
+if TYPE_CHECKING:
+    from persim_bench.config import Grid
+    from persim_bench.specs import PlannerSpec
 
 # (obs [E, D], agent [E]) -> actions [E] or [E, A]: an MPC planner or a model-free policy.
 ActFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -111,3 +121,62 @@ def episode_rewards(act: ActFn, family: EnvFamily, covariates: np.ndarray, agent
         metrics[f"length_agent{a}"] = float(lengths[mine].mean())
     metrics["reward_mean"] = float(np.mean([metrics[f"reward_agent{a}"] for a in agents]))
     return metrics
+
+
+# ---------------------------------------------------------------- the evaluation every trial shares
+
+
+def test_covariates(family: EnvFamily) -> np.ndarray:
+    """Covariates of agents 0-4: the paper's test agents, the first rows of every dataset."""
+    return np.asarray(family.test_agents, dtype=np.float64)
+
+
+def load_trial_data(trial: Trial, ctx: TrialContext) -> Transitions:
+    """The trial's dataset, through the one reader, checked to start with the paper's test agents."""
+    data = read_dataset(ctx.data_root, trial.env, trial.regime)
+    family = get_env(trial.env)
+    if not np.allclose(data.covariates[: len(family.test_agents)], family.test_agents):
+        raise DatasetError(f"{ctx.data_root}/{trial.env}/{trial.regime}: the dataset's agents 0-4 are not the "
+                           f"paper's test agents")
+    return data
+
+
+def test_actions_policy(grid: "Grid", family: EnvFamily, policy_root: Path, seed: int):
+    """(policy, name) driving the prediction test: the trained test policy (paper) or the heuristic."""
+    if grid.evaluation.prediction_policy == "heuristic":
+        return prediction_policy(family, seed), PREDICTION_POLICY_NAME
+    path = prediction_policy_path(policy_root, grid, family.name)
+    net, header = load_policy(path, expect={"env": family.name, "role": "test"})
+    # The authors act with their DQN test policies at epsilon 0.01; TD3's actor acts as is.
+    policy = EpsilonMixture(net, family, 0.01) if family.discrete else net
+    return policy, f"{header['algorithm']}-test:{path.name}"
+
+
+def evaluate_model(model: DynamicsModel, trial: Trial, ctx: TrialContext, planner: "PlannerSpec | None" = None) -> dict:
+    """Prediction error and MPC reward of a learned dynamics model on the test agents."""
+    grid, family = ctx.grid, get_env(trial.env)
+    spec = grid.evaluation
+    policy, policy_name = test_actions_policy(grid, family, ctx.policy_root, trial.seed)
+    metrics = prediction_error(model, family, test_covariates(family), spec.test_agents, policy,
+                               spec.prediction_trajectories, spec.prediction_steps, spec.burn_in, trial.seed)
+    metrics["prediction_policy"] = policy_name
+    metrics.update(plan_and_score(model, trial, ctx, planner))
+    return metrics
+
+
+def plan_and_score(model: DynamicsModel, trial: Trial, ctx: TrialContext, planner: "PlannerSpec | None" = None) -> dict:
+    """Reward of the shared MPC planner (grid's settings unless ``planner`` overrides them) on ``model``."""
+    family = get_env(trial.env)
+    act = MPCPlanner(family, model, planner or ctx.grid.planner, trial.seed).act
+    return score_policy(act, trial, ctx, ctx.grid.evaluation.reward_episodes)
+
+
+def score_policy(act: ActFn, trial: Trial, ctx: TrialContext, episodes: int) -> dict:
+    """Reward of any policy (planner or model-free) on the test agents, reporting progress."""
+    spec, family = ctx.grid.evaluation, get_env(trial.env)
+    steps = spec.episode_steps(family.name)
+    progress = max(1, steps // 10)
+    return episode_rewards(
+        act, family, test_covariates(family), spec.test_agents, episodes, steps, trial.seed,
+        on_step=lambda t: ctx.report({"stage": "reward", "episode_step": t + 1}) if (t + 1) % progress == 0 else None,
+    )

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from persim_bench.algos.base import ContextualModel, DynamicsModel
-from persim_bench.config import PlannerSpec, per_env
+from persim_bench.specs import PlannerSpec, per_env
 from persim_bench.envs.base import EnvFamily
 
 

@@ -7,8 +7,8 @@ import pydantic
 import pytest
 import torch
 
-from persim_bench.algos.bcq import fit_bcq, to_mdp_dataset
-from persim_bench.config import BCQSpec
+from persim_bench.algos.bcq import BCQSpec, make_bcq, act_with_more_samples
+from persim_bench.algos.d3rlpy_common import fit_policies, to_mdp_dataset
 from persim_bench.data import generate
 from persim_bench.data.behaviour import EpsilonMixture, HeuristicController, RandomPolicy
 from persim_bench.data.dataset import Transitions
@@ -18,6 +18,12 @@ from persim_bench.evaluate import episode_rewards
 
 TINY = BCQSpec(steps=20, steps_per_epoch=10, discrete_hidden=[32, 32], actor_hidden=[32, 32], critic_hidden=[32, 32],
                vae_hidden=[32, 32], act_samples=20)
+
+
+def fit_bcq(data, spec, seed, work_dir, agents=None, on_epoch=None):
+    """BCQ-P (agents None) or BCQ-A as the registry entries run it."""
+    return fit_policies(data, make_bcq, spec, seed, work_dir, "bcq_p" if agents is None else "bcq_a", agents,
+                        on_epoch, before_acting=act_with_more_samples)
 
 
 @pytest.fixture(autouse=True)
@@ -133,7 +139,7 @@ def test_bcq_a_one_policy_per_agent_and_rows_go_to_their_own(tmp_path, cartpole)
     # The imitator never saw the other action, so the 0.3 threshold rules it out: the action names the policy.
     assert actions.dtype == np.int64 and actions.tolist() == agent.tolist()
     assert sorted(calls) == [3, 3]  # one batched call per policy
-    with pytest.raises(ValueError, match="no BCQ-A policy for agent.* 2"):
+    with pytest.raises(ValueError, match="no per-agent policy for agent.* 2"):
         policy.act(np.zeros((2, 4), np.float32), np.array([0, 2]))
 
     # Polyak target (original code), not d3rlpy's hard copy: after training the target lags the online net.

@@ -6,7 +6,8 @@ import torch
 from persim_bench.algos.nets import STEP_CHUNK
 from persim_bench.algos.cadm import (CadmModel, context_pairs, episode_starts, fit_cadm, row_contexts,
                                      training_tensors)
-from persim_bench.config import CadmSpec, PlannerSpec
+from persim_bench.algos.cadm import CadmSpec
+from persim_bench.specs import PlannerSpec
 from persim_bench.data.behaviour import RandomPolicy
 from persim_bench.data.dataset import Transitions
 from persim_bench.envs import get_env

@@ -9,8 +9,10 @@ from persim_bench.config import load_grid
 from persim_bench.data.dataset import MANIFEST, dataset_dir, write_json
 from persim_bench.data.generate import dataset_plans
 from persim_bench.data.policies import policy_jobs
-from persim_bench.estimate import StageEstimate, estimate, format_estimate, measure_rate, persim_fit_seconds
-from persim_bench.trials import rank_cv_configs, trial_configs
+from persim_bench.algos.persim import persim_fit_seconds
+from persim_bench.costmodel import measure_rate
+from persim_bench.orchestration.estimate import StageEstimate, estimate, format_estimate
+from persim_bench.orchestration.trials import main_trials, rank_cv_trials
 
 RATE = 30e9  # a fixed rate keeps every number deterministic
 
@@ -28,8 +30,8 @@ def test_counts_are_the_stages_own(name, tmp_path):
     grid = load_grid(name)
     got = stages(grid)
     assert [s.stage for s in estimate(grid, RATE)] == ["policies", "datasets", "rank_cv", "main"]
-    assert got["main"].trials == len(trial_configs(grid))
-    assert got["rank_cv"].trials == len(rank_cv_configs(grid))
+    assert got["main"].trials == len(main_trials(grid))
+    assert got["rank_cv"].trials == len(rank_cv_trials(grid))
     assert got["policies"].trials == len(policy_jobs(grid))
     assert got["datasets"].trials == sum(plan.n_shards for plan in dataset_plans(grid, tmp_path))
     assert set(got["main"].by_algo) == set(grid.algos)
@@ -66,7 +68,7 @@ def test_a_pinned_rank_empties_rank_cv():
 def test_sweep_ranks_multiplies_persim_trials(rank):
     grid = with_spec(load_grid("paper"), "persim", rank=rank, rank_grid=[3, 5, 10, 20])
     swept = with_spec(grid, "persim", sweep_ranks=True)
-    persim = sum(trial["algo"] == "persim" for trial in trial_configs(grid))
+    persim = sum(trial.algo == "persim" for trial in main_trials(grid))
     before, after = stages(grid), stages(swept)
     assert after["main"].trials - before["main"].trials == (4 - 1) * persim
     assert after["main"].by_algo["persim"] > before["main"].by_algo["persim"]

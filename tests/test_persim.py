@@ -5,7 +5,7 @@ import torch
 
 from persim_bench.algos.nets import STEP_CHUNK
 from persim_bench.algos.persim import PerSimEnsemble, fit_persim
-from persim_bench.config import PersimSpec
+from persim_bench.algos.persim import PersimSpec
 from persim_bench.data.dataset import Transitions
 from persim_bench.data.generate import DatasetPlan, record_shard
 from persim_bench.envs import get_env

@@ -14,20 +14,68 @@ E real episodes, the third argument of ``step`` indexes those episodes, not agen
 """
 from __future__ import annotations
 
+import math
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Annotated, Callable, Literal
 
 import numpy as np
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
-from persim_bench.algos.nets import EnsembleMLP, in_row_chunks
-from persim_bench.config import CadmSpec
+from persim_bench.algos.base import Algorithm, Trial, TrialContext
+from persim_bench.algos.nets import STEP_CHUNK, EnsembleMLP, in_row_chunks
+from persim_bench.costmodel import (CADM_STEP_SECONDS, LAYER_SECONDS, STEP_SECONDS, TRAIN, Dynamics, mlp_seconds,
+                                    mpc_reward_seconds, prediction_seconds)
 from persim_bench.data.dataset import Transitions
 from persim_bench.envs import get_env
+from persim_bench.evaluate import evaluate_model, load_trial_data
+from persim_bench.specs import PositiveInt, Strict
+
+if TYPE_CHECKING:
+    from persim_bench.config import Grid
 
 VALID_WINDOWS_CAP = 5000  # the public code validates on at most this many context windows
 ROLLING_PERSISTENCY = 0.99
+
+
+class CadmSpec(Strict):
+    """CaDM (Lee et al. 2020) as the paper ran it (App. D.2); sizes as in the public code (younggyoseo/CaDM)."""
+
+    # Past transitions the context encoder reads (K) and future transitions each context
+    # is trained to predict (M).
+    history: PositiveInt = 10
+    future: PositiveInt = 10
+    context_dim: PositiveInt = 10
+    context_hidden: list[PositiveInt] = [256, 128, 64]
+    hidden: list[PositiveInt] = [200, 200, 200, 200]
+    # L2 penalty wd * 1/2 sum W^2: hidden layer i uses entry i, the output layer the last entry.
+    weight_decay: list[Annotated[float, Field(ge=0)]] = [2.5e-5, 5e-5, 7.5e-5, 7.5e-5, 1e-4]
+    context_weight_decay: list[Annotated[float, Field(ge=0)]] = [2.5e-5, 5e-5, 7.5e-5]
+    back_coeff: Annotated[float, Field(ge=0)] = 0.5
+    # PE-TS: probabilistic members and trajectory-sampling particles (a multiple of the members).
+    pets_members: PositiveInt = 5
+    pets_particles: PositiveInt = 20
+    # Planning over particles: CaDM's mean return (public code); "min" would be PerSim's pessimism.
+    aggregate: Literal["min", "mean"] = "mean"
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+    batch_size: PositiveInt = 256
+    # The paper's 100 training iterations; in the public code each is up to 5 epochs with early
+    # stopping on a rolling validation loss over a fresh 10% split (at most 5000 windows).
+    iterations: PositiveInt = 100
+    epochs_per_iteration: PositiveInt = 5
+    valid_split: Annotated[float, Field(ge=0, lt=1)] = 0.1
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "CadmSpec":
+        if self.pets_particles % self.pets_members:
+            raise ValueError(f"pets_particles ({self.pets_particles}) must be a multiple of pets_members "
+                             f"({self.pets_members})")
+        for decays, hidden, name in ((self.weight_decay, self.hidden, "weight_decay"),
+                                     (self.context_weight_decay, self.context_hidden, "context_weight_decay")):
+            if len(decays) < len(hidden):
+                raise ValueError(f"{name} needs an entry per hidden layer ({len(hidden)}), got {len(decays)}")
+        return self
 
 
 class CadmModel(nn.Module):
@@ -286,3 +334,66 @@ def _weight_penalty(model: CadmModel, spec: CadmSpec) -> torch.Tensor:
             decay = decays[-1] if i == len(net.layers) - 1 else decays[i]
             total = total + 0.5 * decay * layer.weight.square().sum()
     return total
+
+
+# ---------------------------------------------------------------- trials
+
+
+def run_cadm(trial: Trial, ctx: TrialContext) -> dict:
+    """Vanilla or PE-TS CaDM: fit offline, then the shared evaluation with CaDM's particle aggregation."""
+    grid = ctx.grid
+    data = load_trial_data(trial, ctx)
+    model, fit_metrics = fit_cadm(
+        data, grid.cadm, trial.seed, probabilistic=trial.algo == "cadm_pets", device=ctx.device,
+        on_iteration=lambda i, m: ctx.report({"stage": "fit", "iteration": i + 1, **m}))
+    planner = grid.planner.model_copy(update={"aggregate": grid.cadm.aggregate})
+    return {**fit_metrics, **evaluate_model(model, trial, ctx, planner)}
+
+
+# ---------------------------------------------------------------- cost (--dry-run)
+
+
+def cadm_nets(grid: "Grid", env: str, probabilistic: bool) -> tuple[tuple[int, ...], ...]:
+    """(context encoder (ReLU), forward dynamics, backward dynamics (both swish))."""
+    family, spec = get_env(env), grid.cadm
+    d = family.obs_dim
+    a = family.n_actions if family.discrete else family.action_dim
+    inputs = d + a + spec.context_dim
+    return ((spec.history * (d + a), *spec.context_hidden, spec.context_dim),
+            (inputs, *spec.hidden, 2 * d if probabilistic else d), (inputs, *spec.hidden, d))
+
+
+def cadm_fit_seconds(grid: "Grid", env: str, rows: int, probabilistic: bool, rate: float) -> float:
+    spec = grid.cadm
+    members = spec.pets_members if probabilistic else 1
+    n_valid = min(int(rows * spec.valid_split), VALID_WINDOWS_CAP)
+    train_pairs, valid_pairs = (rows - n_valid) * spec.future, n_valid * spec.future
+    epochs = spec.iterations * spec.epochs_per_iteration
+    steps = epochs * math.ceil(train_pairs / spec.batch_size)
+    nets = cadm_nets(grid, env, probabilistic)
+    # The weight penalty touches every layer once more per step (forward and backward).
+    seconds = steps * (STEP_SECONDS["ours"] + TRAIN * sum(len(net) - 1 for net in nets) * LAYER_SECONDS)
+    for net, swish in zip(nets, (False, True, True)):
+        seconds += mlp_seconds(net, epochs * train_pairs * members, steps, rate, TRAIN, swish)
+        seconds += mlp_seconds(net, epochs * valid_pairs * members, epochs, rate, swish=swish)
+    return seconds
+
+
+def cadm_trial_seconds(grid: "Grid", trial: Trial, rows: int, rate: float) -> float:
+    probabilistic, env = trial.algo == "cadm_pets", trial.env
+    encoder, forward, _ = cadm_nets(grid, env, probabilistic)
+    particles = grid.cadm.pets_particles if probabilistic else 1
+    members = grid.cadm.pets_members if probabilistic else 1
+    # CaDM's step chunks STEP_CHUNK rows per net member, i.e. particles / members rows per state.
+    chunk = max(1, STEP_CHUNK * members // particles)
+    model = Dynamics(env, (forward,), particles, chunk, encoder=encoder, swish=True, call_seconds=CADM_STEP_SECONDS)
+    fit = cadm_fit_seconds(grid, env, rows, probabilistic, rate)
+    return fit + prediction_seconds(grid, env, model, rate) + mpc_reward_seconds(grid, env, model, rate)
+
+
+ALGORITHMS = [
+    Algorithm("cadm_vanilla", "Vanilla CaDM", run_cadm, "cadm", CadmSpec, learns_dynamics=True, plans=True,
+              cost=cadm_trial_seconds),
+    Algorithm("cadm_pets", "PE-TS CaDM", run_cadm, "cadm", CadmSpec, learns_dynamics=True, plans=True,
+              cost=cadm_trial_seconds),
+]

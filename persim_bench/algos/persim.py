@@ -14,19 +14,63 @@ forward/backward per step; each member sees its own minibatch order, as in the a
 """
 from __future__ import annotations
 
+import math
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Annotated, Callable, Literal
 
 import numpy as np
 import torch
+from pydantic import Field, field_validator
 from torch import nn
 
-from persim_bench.algos.nets import EnsembleMLP, in_row_chunks
-from persim_bench.config import PersimSpec, per_env
+from persim_bench.algos.base import Algorithm, Trial, TrialContext
+from persim_bench.algos.nets import STEP_CHUNK, EnsembleMLP, in_row_chunks
+from persim_bench.costmodel import STEP_SECONDS, TRAIN, Dynamics, mlp_seconds, mpc_reward_seconds, prediction_seconds
 from persim_bench.data.dataset import Transitions
 from persim_bench.envs import get_env
+from persim_bench.evaluate import evaluate_model, load_trial_data
+from persim_bench.specs import PositiveInt, Strict, known_env_keys, per_env
+
+if TYPE_CHECKING:
+    from persim_bench.config import Grid
 
 FORMAT = "persim-ensemble/1"
+
+
+class PersimSpec(Strict):
+    """PerSim's model and training (paper App. D.1). Defaults are the paper's."""
+
+    # "cv": the rank_cv stage picks it per env x regime from rank_grid (the paper); or pin it,
+    # once for all envs or per env (the paper's picks: 3 / 5 / 20).
+    rank: Literal["cv"] | PositiveInt | dict[str, PositiveInt] = "cv"
+    rank_grid: list[PositiveInt] = [3, 5, 10, 15, 20, 30]
+    # Share of transitions (random rows) held out to score each rank.
+    cv_holdout: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    # The pick: the smallest rank whose held-out loss is within (1 + cv_tolerance) x the lowest.
+    # Past the true rank the curve is flat and its minimum is noise; 0 takes the plain minimum.
+    cv_tolerance: Annotated[float, Field(ge=0)] = 0.5
+    # Cross-validate once per env x regime (with the grid's first seed) or once per seed.
+    cv_per_seed: bool = False
+    # The main stage also trains and evaluates PerSim at every rank of rank_grid (the full grid).
+    sweep_ranks: bool = False
+    ensemble: PositiveInt = 5
+    epochs: PositiveInt = 300
+    batch_size: PositiveInt = 256
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+    # State encoder hidden layers (paper: one layer of 256 for MountainCar/CartPole, (256, 512, 512) for HalfCheetah).
+    state_hidden: list[PositiveInt] | dict[str, list[PositiveInt]] = {
+        "mountaincar": [256], "cartpole": [256], "halfcheetah": [256, 512, 512]}
+    # Action encoder hidden layers for continuous actions (discrete actions: one linear layer on the one-hot).
+    action_hidden: list[PositiveInt] = [256, 256]
+    # z-score states and deltas before fitting (authors' code: HalfCheetah only; paper: silent).
+    normalize: bool | dict[str, bool] = True
+    # Halve the learning rate every this many epochs (authors' code: 150; paper: no schedule).
+    lr_halving_epochs: PositiveInt | None = None
+
+    @field_validator("rank", "state_hidden", "normalize")
+    @classmethod
+    def _env_keys(cls, value):
+        return known_env_keys(value)
 
 
 class PerSimEnsemble(nn.Module):
@@ -199,3 +243,65 @@ def _loss(model: PerSimEnsemble, obs_z, action, agent, target, chunk: int = 1638
         part = slice(start, start + chunk)
         total += (model(obs_z[part], action[part], agent[part]) - target[part]).square().mean(dim=2).sum().item()
     return total / (len(target) * model.n_members)
+
+
+# ---------------------------------------------------------------- trials
+
+
+def run_persim(trial: Trial, ctx: TrialContext) -> dict:
+    """Fit the ensemble at the trial's rank (rank_cv's pick or a pinned one), then the shared evaluation."""
+    data = load_trial_data(trial, ctx)
+    if trial.rank is None:
+        raise ValueError(f"{trial.env}/{trial.regime}: rank_cv chose no rank (all its trials failed)")
+    spec = ctx.grid.persim.model_copy(update={"rank": trial.rank})
+    model, fit_metrics = fit_persim(data, spec, trial.seed, device=ctx.device,
+                                    on_epoch=lambda epoch, m: ctx.report({"stage": "fit", "epoch": epoch + 1, **m}))
+    return {**fit_metrics, **evaluate_model(model, trial, ctx)}
+
+
+def cross_validate_rank(trial: Trial, ctx: TrialContext) -> dict:
+    """One candidate rank of the paper's cross-validation: PerSim fitted with a share of transitions held out."""
+    data = load_trial_data(trial, ctx)
+    curve = []
+
+    def on_epoch(epoch: int, metrics: dict) -> None:
+        curve.append(metrics["val_loss"])
+        ctx.report({"stage": "fit", "epoch": epoch + 1, **metrics})
+
+    spec = ctx.grid.persim.model_copy(update={"rank": trial.rank})
+    _, metrics = fit_persim(data, spec, trial.seed, holdout=ctx.grid.persim.cv_holdout, on_epoch=on_epoch,
+                            device=ctx.device)
+    return {**metrics, "val_loss_curve": curve}
+
+
+# ---------------------------------------------------------------- cost (--dry-run)
+
+
+def persim_nets(grid: "Grid", env: str, rank: int) -> tuple[tuple[int, ...], ...]:
+    family, spec = get_env(env), grid.persim
+    state = (family.obs_dim, *per_env(spec.state_hidden, env), family.obs_dim * rank)
+    return (state,) if family.discrete else (state, (family.action_dim, *spec.action_hidden, rank))
+
+
+def persim_fit_seconds(grid: "Grid", env: str, rows: int, rank: int, holdout: float, rate: float) -> float:
+    spec = grid.persim
+    n_val = round(holdout * rows)
+    n_train = rows - n_val
+    steps = spec.epochs * math.ceil(n_train / spec.batch_size)
+    seconds = steps * STEP_SECONDS["ours"]
+    for net in persim_nets(grid, env, rank):
+        seconds += mlp_seconds(net, spec.epochs * n_train * spec.ensemble, steps, rate, TRAIN)
+        if n_val:  # val_loss after every epoch, in chunks of 16384 rows
+            chunks = spec.epochs * math.ceil(n_val / 16384)
+            seconds += mlp_seconds(net, spec.epochs * n_val * spec.ensemble, chunks, rate)
+    return seconds
+
+
+def persim_trial_seconds(grid: "Grid", trial: Trial, rows: int, rate: float) -> float:
+    model = Dynamics(trial.env, persim_nets(grid, trial.env, trial.rank), grid.persim.ensemble, STEP_CHUNK)
+    return (persim_fit_seconds(grid, trial.env, rows, trial.rank, 0.0, rate)
+            + prediction_seconds(grid, trial.env, model, rate) + mpc_reward_seconds(grid, trial.env, model, rate))
+
+
+ALGORITHMS = [Algorithm("persim", "PerSim", run_persim, "persim", PersimSpec, learns_dynamics=True, plans=True,
+                        cost=persim_trial_seconds)]

@@ -21,11 +21,12 @@ import pyarrow.parquet as pq
 
 from persim_bench.envs import get_env
 from persim_bench.envs.base import EnvFamily
+from persim_bench.errors import BenchError
 
 MANIFEST = "manifest.json"
 
 
-class DatasetError(RuntimeError):
+class DatasetError(BenchError):
     """Missing, corrupt or mismatched dataset; the message names the file."""
 
 

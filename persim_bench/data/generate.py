@@ -12,6 +12,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import ray
@@ -20,11 +21,14 @@ from ray.util import ActorPool
 from tqdm.auto import tqdm
 
 import persim_bench
-from persim_bench.config import REGIMES, Grid
+from persim_bench.specs import REGIMES
 from persim_bench.data.behaviour import regime_policy
 from persim_bench.data.policies import load_policy, logging_policy_paths
 from persim_bench.data.dataset import MANIFEST, Transitions, dataset_dir, read_manifest, sha256, write_json, write_parquet
 from persim_bench.envs import ENVS, get_env
+
+if TYPE_CHECKING:
+    from persim_bench.config import Grid
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ import logging
 import socket
 import uuid
 
+from persim_bench.errors import ClusterError
+
 PROBE_NAME = ".persim-bench-probe"
 
 
@@ -19,11 +21,11 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
     """Fail in seconds on a host:port nobody answers (ray.init would wait minutes for the GCS)."""
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
-        raise SystemExit(f"persim-bench: --address {address}: expected local, auto, host:port or ray://host:port")
+        raise ClusterError(f"--address {address}: expected local, auto, host:port or ray://host:port")
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as err:
-        raise SystemExit(f"persim-bench: cannot reach Ray at --address {address}: {err}") from None
+        raise ClusterError(f"cannot reach Ray at --address {address}: {err}") from None
 
 
 def connect_ray(address: str) -> None:
@@ -40,7 +42,7 @@ def connect_ray(address: str) -> None:
         else:
             ray.init(address=address, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as err:
-        raise SystemExit(f"persim-bench: cannot reach Ray at --address {address}: {str(err).splitlines()[0]}")
+        raise ClusterError(f"cannot reach Ray at --address {address}: {str(err).splitlines()[0]}")
 
 
 def _filesystem(location: str):
@@ -59,7 +61,7 @@ def _read_probe(location: str) -> str:
 
 
 def check_shared_storage(locations: dict[str, str]) -> None:
-    """Write a token into every store and read it back on every alive node; SystemExit naming what fails.
+    """Write a token into every store and read it back on every alive node; ClusterError naming what fails.
 
     ``locations`` maps a label (``--results``, ``--storage``) to a path or URI.
     """
@@ -75,7 +77,7 @@ def check_shared_storage(locations: dict[str, str]) -> None:
             with filesystem.open_output_stream(f"{path.rstrip('/')}/{PROBE_NAME}") as stream:
                 stream.write(token.encode())
         except Exception as err:  # any store's own error type: report it, do not start trials
-            raise SystemExit(f"persim-bench: {label} {location}: cannot write there: {err}") from None
+            raise ClusterError(f"{label} {location}: cannot write there: {err}") from None
         tokens[label] = token
 
     probe = ray.remote(num_cpus=0, max_retries=0)(_read_probe)
@@ -88,6 +90,6 @@ def check_shared_storage(locations: dict[str, str]) -> None:
             except Exception as err:
                 seen = f"error: {str(err).strip().splitlines()[-1]}"
             if seen != tokens[label]:
-                raise SystemExit(f"persim-bench: {label} {location} is not shared with Ray node "
+                raise ClusterError(f"{label} {location} is not shared with Ray node "
                                  f"{node['NodeManagerAddress']} ({node['NodeID'][:8]}): it read {seen!r}; give a "
                                  f"path or URI every node mounts (see README, Cluster)")

@@ -13,29 +13,19 @@ from pathlib import Path
 
 import numpy as np
 
-from persim_bench.config import REGIMES, Grid
+from persim_bench.algos.registry import ALGORITHMS
+from persim_bench.config import Grid
 from persim_bench.data.dataset import DatasetError, read_dataset
 from persim_bench.envs import get_env
-from persim_bench.orchestrate import experiment_name
-
-METHOD_LABELS = {"persim": "PerSim", "cadm_vanilla": "Vanilla CaDM", "cadm_pets": "PE-TS CaDM", "bcq_p": "BCQ-P",
-                 "bcq_a": "BCQ-A", "true_env_mpc": "True env + MPC"}
+from persim_bench.orchestration.rank_cv import rank_cv_figure, rank_cv_table
+from persim_bench.orchestration.tracking import grid_experiment, latest_trial_runs, newest_parent_run
+from persim_bench.specs import REGIMES
 
 
 def agent_label(env: str, agent: int) -> str:
     family = get_env(env)
     values = family.test_agents[agent]
     return ", ".join(f"{n}={v:g}" for n, v in zip(family.covariate_names, values))
-
-
-def latest_trial_runs(client, experiment_id: str) -> list:
-    """The newest run per trial name, finished or failed."""
-    runs = client.search_runs([experiment_id], filter_string="tags.trial != ''", max_results=50000,
-                              order_by=["attributes.start_time DESC"])
-    newest = {}
-    for run in runs:
-        newest.setdefault(run.data.tags["trial"], run)
-    return list(newest.values())
 
 
 def method_key(run) -> str:
@@ -47,67 +37,16 @@ def method_key(run) -> str:
 
 def method_label(key: str) -> str:
     algo, _, rank = key.partition("@r")
-    return METHOD_LABELS.get(algo, algo) + (f" (rank {rank})" if rank else "")
+    label = ALGORITHMS[algo].label if algo in ALGORITHMS else algo
+    return label + (f" (rank {rank})" if rank else "")
 
 
-def _row_order(key: tuple[str, str]) -> tuple:
+def _row_order(key: tuple[str, str], methods: list[str]) -> tuple:
+    """Regimes in the paper's order, then methods in the grid's order, PerSim's rank sweep after PerSim."""
     regime, method = key
     algo, _, rank = method.partition("@r")
-    methods = list(METHOD_LABELS)
     return (REGIMES.index(regime) if regime in REGIMES else len(REGIMES),
-            methods.index(algo) if algo in methods else 99, int(rank or 0))
-
-
-def rank_cv_losses(runs: list) -> dict[tuple[str, str, int], dict[int, float]]:
-    """Held-out loss per rank of every finished rank_cv trial, by (env, regime, seed)."""
-    losses: dict[tuple[str, str, int], dict[int, float]] = defaultdict(dict)
-    for run in runs:
-        if run.data.tags.get("stage") == "rank_cv" and run.info.status == "FINISHED":
-            key = run.data.tags["env"], run.data.tags["regime"], int(run.data.tags["seed"])
-            losses[key][int(run.data.params["rank"])] = run.data.metrics["val_loss"]
-    return losses
-
-
-def best_ranks(runs: list, tolerance: float) -> dict[tuple[str, str, int], int]:
-    """rank_cv's pick per (env, regime, seed): the smallest rank within (1 + tolerance) x the lowest loss."""
-    return {key: min(rank for rank, loss in per_rank.items() if loss <= (1 + tolerance) * min(per_rank.values()))
-            for key, per_rank in rank_cv_losses(runs).items()}
-
-
-def rank_cv_table(runs: list, tolerance: float) -> dict:
-    """Held-out loss per rank for every (env, regime, seed) cross-validated; the pick is starred."""
-    chosen = best_ranks(runs, tolerance)
-    losses = rank_cv_losses(runs)
-    ranks = sorted({rank for per_rank in losses.values() for rank in per_rank})
-    rows = [[env, regime, str(seed), str(chosen[env, regime, seed])] +
-            [(f"{per_rank[r]:.4g}" + ("*" if r == chosen[env, regime, seed] else "")) if r in per_rank else "-"
-             for r in ranks]
-            for (env, regime, seed), per_rank in sorted(losses.items(), key=lambda item: (
-                item[0][0], REGIMES.index(item[0][1]) if item[0][1] in REGIMES else 99, item[0][2]))]
-    return {"title": f"Rank cross-validation: held-out loss (normalised-delta MSE) per rank; * = chosen "
-                     f"(smallest rank within {1 + tolerance:g}x the lowest)",
-            "columns": ["env", "regime", "seed", "chosen"] + [f"rank {r}" for r in ranks], "rows": rows}
-
-
-def rank_cv_figure(table: dict, path: Path) -> None:
-    """Held-out loss against rank, one panel per env, one line per regime (and seed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ranks = [int(c.removeprefix("rank ")) for c in table["columns"][4:]]
-    envs = sorted({row[0] for row in table["rows"]})
-    fig, axes = plt.subplots(1, len(envs), figsize=(4.5 * len(envs), 3.5), squeeze=False)
-    for ax, env in zip(axes[0], envs):
-        for row in (r for r in table["rows"] if r[0] == env):
-            points = [(rank, float(v.rstrip("*"))) for rank, v in zip(ranks, row[4:]) if v != "-"]
-            ax.plot(*zip(*points), marker="o", label=f"{row[1]} s{row[2]}")
-        ax.set(title=env, xlabel="rank", ylabel="held-out loss", yscale="log")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+            methods.index(algo) if algo in methods else len(methods), int(rank or 0))
 
 
 def build_tables(runs: list, grid: Grid) -> dict[str, dict]:
@@ -122,7 +61,7 @@ def build_tables(runs: list, grid: Grid) -> dict[str, dict]:
                 groups[tags["regime"], method_key(run)].append(run.data.metrics)
         columns = ["regime", "method"] + [agent_label(env, a) for a in agents]
         prediction, reward = [], []
-        for key in sorted(groups, key=_row_order):
+        for key in sorted(groups, key=lambda k: _row_order(k, grid.algos)):
             regime, algo = key
             seeds = groups[key]
             label = [regime if regime != "none" else "-", method_label(algo)]
@@ -245,10 +184,7 @@ def write_tables(grid: Grid, tracking_uri: str, results: Path, data_root: Path) 
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name(experiment_name(grid))
-    if experiment is None:
-        raise SystemExit(f"persim-bench: no MLflow experiment {experiment_name(grid)!r} at {tracking_uri}; "
-                         f"run `persim-bench run --grid {grid.name}` first")
+    experiment = grid_experiment(client, grid, tracking_uri)
     runs = latest_trial_runs(client, experiment.experiment_id)
     out = results / grid.name
     out.mkdir(parents=True, exist_ok=True)
@@ -269,8 +205,7 @@ def write_tables(grid: Grid, tracking_uri: str, results: Path, data_root: Path) 
     if failures:
         summary.append("**Failed trials**\n\n" + "\n".join(f"- {line}" for line in failures) + "\n")
     (out / "tables.md").write_text("\n".join(summary))
-    parents = client.search_runs([experiment.experiment_id], filter_string="tags.`persim_bench.parent` = '1'",
-                                 order_by=["attributes.start_time DESC"], max_results=1)
-    if parents:
-        client.log_artifacts(parents[0].info.run_id, str(out), artifact_path="tables")
+    parent = newest_parent_run(client, experiment.experiment_id)
+    if parent is not None:
+        client.log_artifacts(parent.info.run_id, str(out), artifact_path="tables")
     return out

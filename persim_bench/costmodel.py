@@ -1,4 +1,7 @@
-"""Dry-run cost estimate: trials and CPU-hours per stage of a grid, without starting Ray.
+"""The CPU cost model behind ``--dry-run``: what a fit, a planner decision or an env step costs here.
+
+Algorithms cost their own trials with these primitives (each registry entry's ``cost``);
+``orchestration/estimate.py`` adds them up per stage.
 
 A full grid is days of CPU; this says how many before anything is launched. It is an estimate
 that tells minutes from days, not a schedule. Every trial is costed on one core as
@@ -41,22 +44,21 @@ reading datasets, writing results. A trial given k CPUs is assumed k times faste
 from __future__ import annotations
 
 import math
-import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from persim_bench.algos.cadm import VALID_WINDOWS_CAP
-from persim_bench.algos.nets import STEP_CHUNK
-from persim_bench.config import Grid, PlannerSpec, per_env
 from persim_bench.data import rl
-from persim_bench.data.dataset import DatasetError, dataset_dir, read_manifest
 from persim_bench.data.generate import dataset_plans
-from persim_bench.data.policies import PolicyJob, policy_jobs
+from persim_bench.data.policies import PolicyJob
 from persim_bench.envs import get_env
-from persim_bench.trials import rank_cv_configs, trial_configs
+from persim_bench.specs import PlannerSpec, per_env
+
+if TYPE_CHECKING:
+    from persim_bench.config import Grid
 
 # Measured on the 2-core dev machine (AMD EPYC, torch 2.13, 1 thread) against real fits, planner
 # decisions, BCQ steps, policy training and shards; see the module docstring for how they enter.
@@ -83,14 +85,6 @@ CADM_STEP_SECONDS = 0.4e-3      # CaDM's step beyond its net: ~25 small tensor o
 PLAN_STEP_SECONDS = 0.2e-3      # one planner horizon step beyond the model: reward, termination, bookkeeping
 RL_STEP_SECONDS = 0.2e-3        # one vectorised online-RL step beyond env and net: acting, replay writes
 TRAIN = 3.0                     # forward + backward, in forwards
-
-
-@dataclass
-class StageEstimate:
-    stage: str                  # "policies", "datasets", "rank_cv", "main"
-    trials: int                 # Tune trials (policies: policy-training tasks; datasets: shards)
-    cpu_hours: float
-    by_algo: dict[str, float]   # cpu-hours per algorithm (main/rank_cv); {} otherwise
 
 
 def measure_rate(seconds: float = 0.3) -> float:
@@ -152,97 +146,9 @@ class Dynamics:
         return mlp_seconds(self.encoder, episodes * self.members, 1, rate) if self.encoder else 0.0
 
 
-# ---------------------------------------------------------------- networks from the grid
-
-
-def persim_nets(grid: Grid, env: str, rank: int) -> tuple[tuple[int, ...], ...]:
-    family, spec = get_env(env), grid.persim
-    state = (family.obs_dim, *per_env(spec.state_hidden, env), family.obs_dim * rank)
-    return (state,) if family.discrete else (state, (family.action_dim, *spec.action_hidden, rank))
-
-
-def cadm_nets(grid: Grid, env: str, probabilistic: bool) -> tuple[tuple[int, ...], ...]:
-    """(context encoder (ReLU), forward dynamics, backward dynamics (both swish))."""
-    family, spec = get_env(env), grid.cadm
-    d = family.obs_dim
-    a = family.n_actions if family.discrete else family.action_dim
-    inputs = d + a + spec.context_dim
-    return ((spec.history * (d + a), *spec.context_hidden, spec.context_dim),
-            (inputs, *spec.hidden, 2 * d if probabilistic else d), (inputs, *spec.hidden, d))
-
-
 def policy_net(grid: Grid, env: str) -> tuple[int, ...]:
     family = get_env(env)
     return family.obs_dim, *grid.policies.hidden, family.n_actions if family.discrete else family.action_dim
-
-
-# ---------------------------------------------------------------- fits
-
-
-def persim_fit_seconds(grid: Grid, env: str, rows: int, rank: int, holdout: float, rate: float) -> float:
-    spec = grid.persim
-    n_val = round(holdout * rows)
-    n_train = rows - n_val
-    steps = spec.epochs * math.ceil(n_train / spec.batch_size)
-    seconds = steps * STEP_SECONDS["ours"]
-    for net in persim_nets(grid, env, rank):
-        seconds += mlp_seconds(net, spec.epochs * n_train * spec.ensemble, steps, rate, TRAIN)
-        if n_val:  # val_loss after every epoch, in chunks of 16384 rows
-            chunks = spec.epochs * math.ceil(n_val / 16384)
-            seconds += mlp_seconds(net, spec.epochs * n_val * spec.ensemble, chunks, rate)
-    return seconds
-
-
-def cadm_fit_seconds(grid: Grid, env: str, rows: int, probabilistic: bool, rate: float) -> float:
-    spec = grid.cadm
-    members = spec.pets_members if probabilistic else 1
-    n_valid = min(int(rows * spec.valid_split), VALID_WINDOWS_CAP)
-    train_pairs, valid_pairs = (rows - n_valid) * spec.future, n_valid * spec.future
-    epochs = spec.iterations * spec.epochs_per_iteration
-    steps = epochs * math.ceil(train_pairs / spec.batch_size)
-    nets = cadm_nets(grid, env, probabilistic)
-    # The weight penalty touches every layer once more per step (forward and backward).
-    seconds = steps * (STEP_SECONDS["ours"] + TRAIN * sum(len(net) - 1 for net in nets) * LAYER_SECONDS)
-    for net, swish in zip(nets, (False, True, True)):
-        seconds += mlp_seconds(net, epochs * train_pairs * members, steps, rate, TRAIN, swish)
-        seconds += mlp_seconds(net, epochs * valid_pairs * members, epochs, rate, swish=swish)
-    return seconds
-
-
-def bcq_nets(grid: Grid, env: str) -> dict[str, tuple[int, ...]]:
-    """d3rlpy's networks: discrete Q and imitator; continuous actor, critic (x2), VAE encoder and decoder."""
-    family, spec = get_env(env), grid.bcq
-    d = family.obs_dim
-    if family.discrete:
-        q = (d, *spec.discrete_hidden, family.n_actions)
-        return {"q": q, "imitator": q}
-    a = family.action_dim
-    latent = 2 * a
-    return {"actor": (d + a, *spec.actor_hidden, a), "critic": (d + a, *spec.critic_hidden, 1),
-            "encoder": (d + a, *spec.vae_hidden, 2 * latent), "decoder": (d + latent, *spec.vae_hidden, a)}
-
-
-def bcq_fit_seconds(grid: Grid, env: str, policies: int, rate: float) -> float:
-    """``policies`` BCQ policies of spec.steps gradient steps each."""
-    spec, nets = grid.bcq, bcq_nets(grid, env)
-    n = spec.target_samples
-    if get_env(env).discrete:
-        # Q: fwd+bwd on s, online and target on s'; imitator: fwd+bwd on s, forward on s' (the action mask).
-        calls = {"q": [(1, TRAIN), (1, 2)], "imitator": [(1, TRAIN), (1, 1)]}
-        batch, kind = spec.discrete_batch_size, "bcq_discrete"
-    else:
-        # VAE fwd+bwd; Q target: n decoded, perturbed actions per s' through both target critics;
-        # twin critics fwd+bwd; actor loss: decoder and actor fwd+bwd, both critics, one backward.
-        calls = {"encoder": [(1, TRAIN)], "decoder": [(1, TRAIN), (n, 1), (1, TRAIN)], "actor": [(n, 1), (1, TRAIN)],
-                 "critic": [(n, 2), (1, 2 * TRAIN), (1, 4)]}
-        batch, kind = spec.batch_size, "bcq_continuous"
-    seconds = spec.steps * STEP_SECONDS[kind]
-    seconds += sum(mlp_seconds(nets[name], spec.steps * batch * rows, spec.steps, rate, passes)
-                   for name, runs in calls.items() for rows, passes in runs)
-    return policies * seconds
-
-
-# ---------------------------------------------------------------- evaluation
 
 
 def prediction_seconds(grid: Grid, env: str, model: Dynamics, rate: float) -> float:
@@ -267,60 +173,6 @@ def mpc_reward_seconds(grid: Grid, env: str, model: Dynamics, rate: float, plann
         scoring = PLAN_STEP_SECONDS + rows * model.members * ELEMENTWISE * family.obs_dim / rate
         decision += rounds * horizon * (model.step_seconds(rows, rate) + scoring)
     return spec.episode_steps(env) * (decision + env_step_seconds(env, episodes))
-
-
-def bcq_reward_seconds(grid: Grid, env: str, policies: int, rate: float) -> float:
-    """Reward episodes of BCQ acting directly: one predict call per policy and step."""
-    spec, nets = grid.evaluation, bcq_nets(grid, env)
-    episodes = spec.policy_reward_episodes * len(spec.test_agents)
-    if get_env(env).discrete:
-        act = sum(mlp_seconds(nets[name], episodes, policies, rate) for name in ("q", "imitator"))
-    else:  # act_samples decoded + perturbed actions per state, scored by both critics
-        rows = episodes * grid.bcq.act_samples
-        act = sum(mlp_seconds(nets[name], rows, policies, rate, p) for name, p in
-                  (("decoder", 1), ("actor", 1), ("critic", 2)))
-    return spec.episode_steps(env) * (env_step_seconds(env, episodes) + act + policies * ACT_SECONDS)
-
-
-# ---------------------------------------------------------------- trials and stages
-
-
-def dataset_rows(grid: Grid, env: str, regime: str, data_root: Path | None) -> int:
-    """Transitions of a dataset: its manifest's count when it was made with this grid's sizes, else n_agents x cap."""
-    cap = grid.data.episode_steps(env)
-    if data_root is not None:
-        try:
-            manifest = read_manifest(dataset_dir(data_root, env, regime))
-        except DatasetError:
-            manifest = {}
-        if (manifest.get("n_agents"), manifest.get("episode_steps")) == (grid.data.n_agents, cap):
-            return int(manifest["rows"])
-    return grid.data.n_agents * cap
-
-
-def trial_seconds(grid: Grid, trial: dict, rows: int, rate: float) -> float:
-    """One main-stage trial: fit (if the algorithm learns) and its evaluation."""
-    algo, env = trial["algo"], trial["env"]
-    if algo == "true_env_mpc":
-        return mpc_reward_seconds(grid, env, Dynamics(env), rate)
-    if algo == "persim":
-        rank = trial["rank"]
-        model = Dynamics(env, persim_nets(grid, env, rank), grid.persim.ensemble, STEP_CHUNK)
-        fit = persim_fit_seconds(grid, env, rows, rank, 0.0, rate)
-        return fit + prediction_seconds(grid, env, model, rate) + mpc_reward_seconds(grid, env, model, rate)
-    if algo in ("cadm_vanilla", "cadm_pets"):
-        probabilistic = algo == "cadm_pets"
-        encoder, forward, _ = cadm_nets(grid, env, probabilistic)
-        particles = grid.cadm.pets_particles if probabilistic else 1
-        members = grid.cadm.pets_members if probabilistic else 1
-        # CaDM's step chunks STEP_CHUNK rows per net member, i.e. particles / members rows per state.
-        chunk = max(1, STEP_CHUNK * members // particles)
-        model = Dynamics(env, (forward,), particles, chunk, encoder=encoder, swish=True, call_seconds=CADM_STEP_SECONDS)
-        fit = cadm_fit_seconds(grid, env, rows, probabilistic, rate)
-        return fit + prediction_seconds(grid, env, model, rate) + mpc_reward_seconds(grid, env, model, rate)
-    policies = len(grid.evaluation.test_agents) if algo == "bcq_a" else 1
-    # BCQ-A trains each policy on one agent's rows only; the step count, not the rows, sets its cost.
-    return bcq_fit_seconds(grid, env, policies, rate) + bcq_reward_seconds(grid, env, policies, rate)
 
 
 def policy_job_seconds(job: PolicyJob, rate: float) -> float:
@@ -358,47 +210,3 @@ def dataset_seconds(grid: Grid, rate: float) -> tuple[int, float]:
             seconds += plan.episode_steps * (env_step_seconds(plan.env, agents) + act)
         shards += plan.n_shards
     return shards, seconds
-
-
-def estimate(grid: Grid, rate: float | None = None, data_root: Path | None = None) -> list[StageEstimate]:
-    """Trials and CPU-hours of every stage; ``rate`` (multiply-adds/s per core) is measured when None."""
-    rate = rate or measure_rate()
-    jobs = policy_jobs(grid)
-    shards, data_seconds = dataset_seconds(grid, rate)
-    rows = {(env, regime): dataset_rows(grid, env, regime, data_root) for env in grid.envs for regime in grid.regimes}
-
-    cv_trials = rank_cv_configs(grid)
-    cv_hours = sum(persim_fit_seconds(grid, t["env"], rows[t["env"], t["regime"]], t["rank"], grid.persim.cv_holdout,
-                                      rate) for t in cv_trials) / 3600
-    # rank_cv has not picked yet: max(rank_grid) stands in for every pick (the dearest rank), which
-    # also makes sweep_ranks count the len(rank_grid) trials it will run, not one more.
-    picks = {(t["env"], t["regime"], t["seed"]): max(grid.persim.rank_grid) for t in cv_trials}
-    by_algo: dict[str, float] = {}
-    main = trial_configs(grid, picks)
-    for trial in main:
-        data = rows.get((trial["env"], trial["regime"]), 0)  # true_env_mpc (regime "none") reads none
-        hours = trial_seconds(grid, trial, data, rate) / 3600
-        by_algo[trial["algo"]] = by_algo.get(trial["algo"], 0.0) + hours
-    return [
-        StageEstimate("policies", len(jobs), sum(policy_job_seconds(job, rate) for job in jobs) / 3600, {}),
-        StageEstimate("datasets", shards, data_seconds / 3600, {}),
-        StageEstimate("rank_cv", len(cv_trials), cv_hours, {"persim": cv_hours} if cv_trials else {}),
-        StageEstimate("main", len(main), sum(by_algo.values()), by_algo),
-    ]
-
-
-def format_estimate(grid: Grid, stages: list[StageEstimate], rate: float | None = None) -> str:
-    """A small aligned table: trials and CPU-hours per stage (main split by algorithm), the total, the assumptions."""
-    row = "{:<16}{:>8}{:>14}".format
-    lines = [f"grid {grid.name}: estimated cost (dry run)", row("stage", "trials", "CPU-hours")]
-    for stage in stages:
-        lines.append(row(stage.stage, stage.trials, f"{stage.cpu_hours:,.2f}"))
-        if len(stage.by_algo) > 1:
-            lines += [row(f"  {algo}", "", f"{hours:,.2f}") for algo, hours in stage.by_algo.items()]
-    lines.append(row("total", sum(s.trials for s in stages), f"{sum(s.cpu_hours for s in stages):,.2f}"))
-    at = f"{rate / 1e9:.0f} G" if rate else "the measured"
-    lines += textwrap.wrap(
-        f"Assumes: one core per trial at {at} multiply-adds/s, per-call and env-step costs measured on the 2-core "
-        "dev machine; upper bounds: every episode runs to its cap, CaDM never stops early, nothing is cached; "
-        "Ray, Tune and MLflow overheads not counted. Wall time ~ CPU-hours / CPUs of the cluster.", 100)
-    return "\n".join(lines)

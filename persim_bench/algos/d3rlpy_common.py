@@ -1,0 +1,288 @@
+"""The glue every d3rlpy baseline shares: Parquet rows -> MDPDataset, seeded fits, a batched policy, registry entries.
+
+An algorithm file (bcq.py, cql.py, ...) only says how to build its d3rlpy algorithm from its
+spec (``make(spec, discrete, device)``) and what its networks cost; ``offline_policy_entries``
+turns that into a pooled ("-P": one policy on every agent's trajectory) and a per-agent ("-A":
+one policy per test agent on its own single trajectory) registry entry.
+
+d3rlpy is imported inside functions: importing it costs ~1.5 s and pulls in old ``gym``, which
+the grid validation and ``--dry-run`` do not need. d3rlpy draws from the global ``random``,
+NumPy and torch generators; every fit and every act call seeds them from our seed and restores
+the caller's states afterwards.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Callable
+
+import numpy as np
+import structlog
+import torch
+from pydantic import Field, model_validator
+
+from persim_bench.algos.base import Algorithm, Trial, TrialContext
+from persim_bench.costmodel import ACT_SECONDS, STEP_SECONDS, env_step_seconds, mlp_seconds
+from persim_bench.data.dataset import Transitions
+from persim_bench.envs import get_env
+from persim_bench.evaluate import load_trial_data, score_policy
+from persim_bench.specs import PositiveInt, Strict
+
+if TYPE_CHECKING:
+    from persim_bench.config import Grid
+
+# d3rlpy logs through structlog to the console: dataset signatures, the whole config, every epoch's
+# metrics. Keep its warnings only; the epoch metrics reach on_epoch and the CSVs under work_dir.
+structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+
+LOG_DIR = "d3rlpy"  # d3rlpy's metric CSVs and params.json go to <work_dir>/d3rlpy/<policy name>/
+
+# (spec, discrete, device) -> an unfitted d3rlpy algorithm
+MakeAlgo = Callable[[Any, bool, str], Any]
+
+
+class OfflinePolicySpec(Strict):
+    """What every d3rlpy baseline's grid section has: its gradient steps and reporting interval."""
+
+    # Gradient steps per policy (BCQ in the paper: 5.5e5); progress is reported every steps_per_epoch.
+    steps: PositiveInt = 550_000
+    steps_per_epoch: PositiveInt = 5_000
+
+    @model_validator(mode="after")
+    def _whole_epochs(self):
+        if self.steps % self.steps_per_epoch:
+            raise ValueError(f"steps ({self.steps}) must be a multiple of steps_per_epoch ({self.steps_per_epoch})")
+        return self
+
+
+def to_mdp_dataset(data: Transitions, agents: list[int] | None = None):
+    """The rows of ``agents`` (all rows when None) as d3rlpy episodes, one per trajectory, no transition lost.
+
+    d3rlpy rebuilds (s, a, r, s') from consecutive observation rows: an episode of n rows that
+    ends in a terminal gives n transitions (the terminal's s' is never read), one that ends in a
+    timeout only n - 1 (its last row only serves as the previous row's s'). So a trajectory cut
+    by the horizon gets one extra row holding its final next_obs, marked as the timeout.
+    """
+    from d3rlpy.constants import ActionSpace
+    from d3rlpy.dataset import MDPDataset
+
+    family = get_env(data.env)
+    rows = _rows(data, agents)
+    rows = rows[np.lexsort((data.t[rows], data.agent[rows]))]
+    agent, obs, next_obs, action = data.agent[rows], data.obs[rows], data.next_obs[rows], data.action[rows]
+    terminated = data.terminated[rows]
+    end = terminated | data.truncated[rows]
+    end[:-1] |= agent[1:] != agent[:-1]
+    end[-1] = True
+    chained = np.flatnonzero(~end)  # d3rlpy will take the next row's obs as these rows' next_obs
+    broken = chained[np.any(next_obs[chained] != obs[chained + 1], axis=1)]
+    if broken.size:
+        i = broken[0]
+        raise ValueError(f"{data.env}/{data.regime}: agent {agent[i]} t {data.t[rows[i]]}: next_obs differs from the "
+                         f"next row's obs, yet neither terminated nor truncated ends the trajectory there")
+    timeout = np.flatnonzero(end & ~terminated)
+    at = timeout + 1
+    timeouts = np.zeros(len(rows) + len(at), np.float32)
+    timeouts[at + np.arange(len(at))] = 1.0  # where np.insert puts the extra rows
+    with seeded(0):  # its writer fills placeholder arrays from np.random: leave the caller's stream alone
+        return MDPDataset(
+            observations=np.insert(obs, at, next_obs[timeout], axis=0),
+            actions=np.insert(action, at, action[timeout], axis=0),  # only a next_action, never trained on
+            rewards=np.insert(data.reward[rows], at, 0.0),
+            terminals=np.insert(terminated, at, False).astype(np.float32),
+            timeouts=timeouts,
+            action_space=ActionSpace.DISCRETE if family.discrete else ActionSpace.CONTINUOUS,
+            action_size=family.n_actions if family.discrete else family.action_dim,
+        )
+
+
+def _rows(data: Transitions, agents: list[int] | None) -> np.ndarray:
+    if agents is None:
+        if len(data) == 0:
+            raise ValueError(f"{data.env}/{data.regime}: the dataset is empty, nothing to train on")
+        return np.arange(len(data))
+    rows = np.flatnonzero(np.isin(data.agent, agents))
+    missing = sorted(set(agents) - set(data.agent[rows].tolist()))
+    if missing:
+        raise ValueError(f"{data.env}/{data.regime}: no transitions of agent(s) {', '.join(map(str, missing))}")
+    return rows
+
+
+class D3rlpyPolicy:
+    """Trained d3rlpy policies acting for a batch of agents: one shared policy (key None) or one per agent."""
+
+    def __init__(self, env: str, algos: dict[int | None, Any], seed: int):
+        self.env = env
+        self.algos = algos
+        family = get_env(env)
+        self.discrete = family.discrete
+        self.action_dims = () if family.discrete else (family.action_dim,)
+        # Stochastic acting (BCQ's sampled VAE actions): each act call draws from a fresh seed of this stream.
+        self.rng = np.random.default_rng(seed)
+
+    def act(self, obs: np.ndarray, agent: np.ndarray) -> np.ndarray:
+        """Actions for obs [E, D]: int64 [E] or float32 [E, A]; one predict call per policy and step."""
+        obs, agent = np.asarray(obs, dtype=np.float32), np.asarray(agent)
+        if None not in self.algos:
+            unknown = np.setdiff1d(agent, list(self.algos))
+            if unknown.size:
+                raise ValueError(f"{self.env}: no per-agent policy for agent(s) {', '.join(map(str, unknown))} "
+                                 f"(trained: {', '.join(map(str, self.algos))})")
+        with seeded(int(self.rng.integers(2**32))):
+            if None in self.algos:
+                actions = self.algos[None].predict(obs)
+            else:
+                actions = np.empty((len(obs), *self.action_dims))
+                for a in np.unique(agent):
+                    mine = agent == a
+                    actions[mine] = self.algos[int(a)].predict(obs[mine])
+        return actions.astype(np.int64 if self.discrete else np.float32)
+
+
+def fit_policies(data: Transitions, make: MakeAlgo, spec: OfflinePolicySpec, seed: int, work_dir: Path, name: str,
+                 agents: list[int] | None = None, on_epoch: Callable[[int, dict], None] | None = None,
+                 device: str = "cpu", before_acting: Callable[[Any, Any], None] | None = None
+                 ) -> tuple[D3rlpyPolicy, dict]:
+    """One policy on all rows (``agents`` None) or one per listed agent on its own rows.
+
+    Policies train one after the other, spec.steps gradient steps each. ``on_epoch(epoch, metrics)``
+    gets d3rlpy's epoch means (losses, step times) with a running epoch number across the
+    policies and, per agent, the ``agent``. Every agent is checked for data before any training.
+    A policy's training depends only on (seed, agent), not on which other agents are fitted.
+    ``before_acting(algo, spec)`` adjusts a fitted algorithm for acting (BCQ's sample count).
+    Returns the policy and the final epoch's metrics (suffixed ``_agent<a>`` per agent),
+    ``transitions`` and ``fit_seconds``.
+    """
+    started = time.perf_counter()
+    if agents is not None and not agents:
+        raise ValueError(f"{data.env}/{data.regime}: a per-agent policy needs at least one agent")
+    groups = [None] if agents is None else list(dict.fromkeys(int(a) for a in agents))
+    datasets = {key: to_mdp_dataset(data, None if key is None else [key]) for key in groups}
+    discrete = get_env(data.env).discrete
+    epochs = spec.steps // spec.steps_per_epoch
+    algos, final = {}, {"transitions": sum(d.transition_count for d in datasets.values())}
+    for k, key in enumerate(groups):
+        report = None
+        if on_epoch:
+            def report(epoch: int, metrics: dict, k=k, key=key) -> None:
+                on_epoch(k * epochs + epoch, metrics if key is None else {**metrics, "agent": key})
+        seed_key = (1,) if key is None else (2, key)
+        run_name = name if key is None else f"{name}_agent{key}"
+        algo = make(spec, discrete, device)
+        metrics = _fit_one(algo, datasets[key], spec, stream(seed, *seed_key), Path(work_dir) / LOG_DIR, run_name,
+                           report)
+        if before_acting:
+            before_acting(algo, spec)
+        algos[key] = algo
+        final.update(metrics if key is None else {f"{m}_agent{key}": v for m, v in metrics.items()})
+    policy = D3rlpyPolicy(data.env, algos, stream(seed, 0))
+    return policy, {**final, "fit_seconds": time.perf_counter() - started}
+
+
+def stream(seed: int, *key: int) -> int:
+    """An independent seed per purpose: (0,) acting, (1,) the pooled policy, (2, agent) a per-agent one."""
+    return int(np.random.SeedSequence(seed, spawn_key=key).generate_state(1)[0])
+
+
+def _fit_one(algo, dataset, spec: OfflinePolicySpec, seed: int, log_root: Path, name: str,
+             on_epoch: Callable[[int, dict], None] | None) -> dict:
+    from d3rlpy.logging import FileAdapterFactory
+
+    epochs = spec.steps // spec.steps_per_epoch
+    shutil.rmtree(log_root / name, ignore_errors=True)  # a rerun would append to the old CSVs
+    metrics: dict = {}
+    with seeded(seed):
+        for epoch, metrics in algo.fitter(
+                dataset, n_steps=spec.steps, n_steps_per_epoch=spec.steps_per_epoch, experiment_name=name,
+                with_timestamp=False, logger_adapter=FileAdapterFactory(root_dir=str(log_root)), show_progress=False,
+                save_interval=epochs + 1):  # no weight files: the policy is evaluated in this process
+            if on_epoch:
+                on_epoch(epoch, dict(metrics))
+    return {key: float(value) for key, value in metrics.items()}
+
+
+def d3rlpy_device(device: str) -> str:
+    """d3rlpy names devices "cpu:0" / "cuda:0"."""
+    return device if ":" in device else f"{device}:0"
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Seed the global generators d3rlpy draws from for this block; the caller's states come back after."""
+    import d3rlpy
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        d3rlpy.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+# ---------------------------------------------------------------- registry entries and cost
+
+
+# [(net name, rows through it per batch row (or per acting state), forward passes)]: what one gradient
+# step or one act call runs through a baseline's networks; costed with ``costmodel.mlp_seconds``.
+NetCalls = list[tuple[str, float, float]]
+
+
+@dataclass(frozen=True)
+class PolicyCost:
+    """What a d3rlpy baseline's networks are and what one gradient step and one act call run through them."""
+
+    nets: Callable[["Grid", str], dict[str, tuple[int, ...]]]          # (grid, env) -> {name: layer sizes}
+    train_calls: Callable[["Grid", str], tuple[NetCalls, int, float]]  # -> (calls, batch size, step overhead s)
+    act_calls: Callable[["Grid", str], NetCalls]
+
+    def trial_seconds(self, grid: "Grid", section: str, env: str, policies: int, rate: float) -> float:
+        spec, sizes = getattr(grid, section), self.nets(grid, env)
+        calls, batch, overhead = self.train_calls(grid, env)
+        # A per-agent policy trains on one agent's rows only; the step count, not the rows, sets its cost.
+        fit = spec.steps * overhead + sum(mlp_seconds(sizes[net], spec.steps * batch * n, spec.steps, rate, passes)
+                                          for net, n, passes in calls)
+        episodes = grid.evaluation.policy_reward_episodes * len(grid.evaluation.test_agents)
+        act = sum(mlp_seconds(sizes[net], episodes * n, policies, rate, passes)
+                  for net, n, passes in self.act_calls(grid, env))
+        acting = grid.evaluation.episode_steps(env) * (env_step_seconds(env, episodes) + act + policies * ACT_SECONDS)
+        return policies * fit + acting
+
+
+def offline_policy_entries(prefix: str, label: str, spec: type, make: MakeAlgo, cost: PolicyCost, *,
+                           action_spaces: tuple[str, ...] = ("discrete", "continuous"),
+                           before_acting: Callable[[Any, Any], None] | None = None) -> list[Algorithm]:
+    """Registry entries ``<prefix>_p`` (one policy on all agents) and ``<prefix>_a`` (one per test agent).
+
+    Both read the grid section ``prefix``, whose class is ``spec`` (an ``OfflinePolicySpec``).
+    """
+    def entry(per_agent: bool) -> Algorithm:
+        def run(trial: Trial, ctx: TrialContext) -> dict:
+            grid = ctx.grid
+            agents = grid.evaluation.test_agents if per_agent else None
+            policy, fit_metrics = fit_policies(
+                load_trial_data(trial, ctx), make, getattr(grid, prefix), trial.seed, ctx.work_dir, trial.algo,
+                agents, on_epoch=lambda epoch, m: ctx.report({"stage": "fit", "epoch": epoch, **m}),
+                device=ctx.device, before_acting=before_acting)
+            return {**fit_metrics, **score_policy(policy.act, trial, ctx, grid.evaluation.policy_reward_episodes)}
+
+        def seconds(grid: "Grid", trial: Trial, rows: int, rate: float) -> float:
+            policies = len(grid.evaluation.test_agents) if per_agent else 1
+            return cost.trial_seconds(grid, prefix, trial.env, policies, rate)
+
+        suffix = "a" if per_agent else "p"
+        return Algorithm(f"{prefix}_{suffix}", f"{label}-{suffix.upper()}", run, prefix, spec,
+                         action_spaces=action_spaces, cost=seconds)
+
+    return [entry(False), entry(True)]
+
+
+def step_overhead(discrete: bool) -> float:
+    """Per gradient step beyond the layers: d3rlpy's Python and optimizer work (measured for BCQ)."""
+    return STEP_SECONDS["bcq_discrete" if discrete else "bcq_continuous"]

@@ -1,0 +1,140 @@
+"""The stages of ``persim-bench run``: policies -> datasets -> rank_cv (Tune) -> main (Tune) -> tables, in MLflow.
+
+One MLflow parent run per grid invocation; every Tune trial opens a child run (tag
+``mlflow.parentRunId``), logs its flattened config as params and its final numbers as metrics,
+and ends FINISHED or FAILED with the error as a tag. A failed trial never stops the grid.
+``--resume`` continues an interrupted invocation: same parent run, Tune state restored, and a
+trial that already finished is never run again (its MLflow run is the one record of it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from persim_bench.algos.base import Trial
+from persim_bench.config import Grid
+from persim_bench.orchestration import tracking
+from persim_bench.orchestration.cluster import check_shared_storage, connect_ray
+from persim_bench.orchestration.rank_cv import choose_ranks
+from persim_bench.orchestration.trials import RunContext, main_trials, rank_cv_trials, resources_key, run_trial
+
+
+@dataclass(frozen=True)
+class GridOutcome:
+    """What ``run_grid`` did: trials run, those that failed, where the tables went."""
+
+    trials: int
+    failed: list[str]
+    tables_dir: Path
+    tracking_uri: str
+
+
+def prepare_data(grid: Grid, results: Path, workers: int | None = None) -> tuple[Path, Path]:
+    """The stages before the trials: policies (Ray tasks, cached) -> datasets (Ray actors)."""
+    from persim_bench.data.generate import generate_datasets
+    from persim_bench.data.policies import train_policies
+    from persim_bench.orchestration.tables import write_policy_table
+
+    policy_root, data_root = results / "policies", results / "datasets" / grid.name
+    print(f"[policies] {policy_root}")
+    headers = train_policies(grid, policy_root)
+    if headers:
+        write_policy_table(headers, results / grid.name)
+    print(f"[datasets] {data_root}")
+    generate_datasets(grid, data_root, policy_root, num_workers=workers)
+    return policy_root, data_root
+
+
+def run_stage(grid: Grid, trials: list[Trial], context: RunContext, storage: str, name: str) -> list[str]:
+    """Schedule trials with Ray Tune (resuming its saved state under storage/name if there is one).
+
+    Returns the names of trials that failed: recorded FAILED in MLflow, or given up by Tune
+    after ``grid.max_failures`` restarts (their MLflow run is then marked FAILED here).
+    """
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    def resources(config: dict) -> dict:
+        wanted = grid.trial_resources(resources_key(Trial.from_dict(config["trial"])))
+        return {"cpu": wanted.cpu, "gpu": wanted.gpu}
+
+    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), resources)
+    path = f"{storage.rstrip('/')}/{name}"
+    if tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"trial": tune.grid_search([t.as_dict() for t in trials])},
+            tune_config=tune.TuneConfig(
+                # A new worker per trial paid ~6 s of process start and imports (median gap between
+                # trials in the smoke grid); trials keep no state in their process beyond caches.
+                reuse_actors=True,
+                trial_name_creator=lambda t: t.config["trial"]["name"],
+                trial_dirname_creator=lambda t: t.config["trial"]["name"]),
+            run_config=tune.RunConfig(
+                name=name, storage_path=storage, verbose=1,
+                failure_config=tune.FailureConfig(max_failures=grid.max_failures, fail_fast=False)),
+        )
+    outcome = tuner.fit()
+    client = MlflowClient(context.tracking_uri)
+    failed = []
+    for result in outcome:
+        trial_name = result.config["trial"]["name"]
+        if result.error is not None:
+            run = tracking.find_trial_run(client, context.experiment_id, context.parent_run_id, trial_name)
+            if run is not None and run.info.status != "FAILED":
+                client.set_tag(run.info.run_id, "error", f"gave up after {grid.max_failures} restarts: "
+                                                         f"{str(result.error).splitlines()[0]}"[:5000])
+                client.set_terminated(run.info.run_id, "FAILED")
+            failed.append(trial_name)
+        elif (result.metrics or {}).get("stage") == "failed":
+            failed.append(trial_name)
+    return failed
+
+
+def stage_name(grid: Grid, stage: str, parent_run_id: str) -> str:
+    """The Tune experiment of one stage of one invocation (what --resume restores)."""
+    return f"{grid.name}-{stage.replace('_', '-')}-{parent_run_id[:8]}"
+
+
+def run_grid(grid: Grid, results: Path, *, source: str, address: str = "local", storage: str | None = None,
+             mlflow_uri: str | None = None, resume: bool = False) -> GridOutcome:
+    """datasets -> rank_cv -> main (Tune) -> tables, under one MLflow parent run (continued by ``resume``)."""
+    from mlflow.tracking import MlflowClient
+
+    from persim_bench.orchestration.tables import write_tables
+
+    state = tracking.resume_state(results, grid, mlflow_uri, storage) if resume else None
+    tracking_uri = state["tracking_uri"] if state else mlflow_uri or tracking.default_tracking_uri(results)
+    storage = state["storage"] if state else storage or str(results / "ray")
+    connect_ray(address)
+    check_shared_storage({"--results": str(results), "--storage": storage})
+    policy_root, data_root = prepare_data(grid, results)
+
+    client = MlflowClient(tracking_uri)
+    if state:
+        client.update_run(state["parent_run_id"], status="RUNNING")
+    else:
+        artifact_root = None if mlflow_uri else results / "mlartifacts"
+        experiment_id, parent_run_id = tracking.start_parent_run(grid, tracking_uri, source, artifact_root)
+        state = tracking.new_state(grid, tracking_uri, storage, experiment_id, parent_run_id)
+        tracking.save_state(results, grid, state)
+    parent_run_id, experiment_id = state["parent_run_id"], state["experiment_id"]
+    context = RunContext(grid.model_dump(), str(data_root), str(policy_root), tracking_uri, experiment_id,
+                         parent_run_id)
+    print(f"[main] MLflow {tracking_uri} (parent run {parent_run_id}); Tune storage {storage}")
+    failed, chosen = [], None
+    cv_trials = rank_cv_trials(grid)
+    if cv_trials:
+        print(f"[rank_cv] {len(cv_trials)} trials: ranks {grid.persim.rank_grid}, "
+              f"{grid.persim.cv_holdout:.0%} of transitions held out")
+        failed += run_stage(grid, cv_trials, context, storage, stage_name(grid, "rank_cv", parent_run_id))
+        chosen = choose_ranks(grid, tracking_uri, experiment_id, parent_run_id)
+        print("[rank_cv] chosen: " + ", ".join(f"{e}/{r}/s{s}: {k}" for (e, r, s), k in sorted(chosen.items())))
+    trials = main_trials(grid, chosen)
+    failed += run_stage(grid, trials, context, storage, stage_name(grid, "main", parent_run_id))
+
+    client.set_terminated(parent_run_id, "FAILED" if failed else "FINISHED")
+    out = write_tables(grid, tracking_uri, results, data_root)
+    return GridOutcome(len(cv_trials) + len(trials), failed, out, tracking_uri)

@@ -1,0 +1,145 @@
+"""MLflow bookkeeping: where runs go, one parent run per grid invocation, a trial's params, resume state.
+
+MLflow's relative default (./mlruns, sqlite in the cwd) would follow each trial's working
+directory, so every URI here is absolute.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from persim_bench.algos.base import Trial
+from persim_bench.algos.registry import ALGORITHMS
+from persim_bench.config import Grid
+from persim_bench.data.dataset import write_json
+from persim_bench.errors import GridError, TrackingError
+
+EXPERIMENT_PREFIX = "persim-bench"
+
+
+def default_tracking_uri(results: Path) -> str:
+    """SQLite under results/: MLflow's relative default would follow each trial's cwd."""
+    results.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(results / 'mlflow.db').resolve()}"
+
+
+def experiment_name(grid: Grid) -> str:
+    return f"{EXPERIMENT_PREFIX}/{grid.name}"
+
+
+def flatten(prefix: str, value, out: dict) -> dict:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            flatten(f"{prefix}.{key}" if prefix else str(key), inner, out)
+    else:
+        out[prefix] = value
+    return out
+
+
+def trial_params(grid: dict, trial: Trial) -> dict:
+    """The trial's own fields plus the grid sections its algorithm reads (from the registry), flattened for MLflow."""
+    algo = ALGORITHMS[trial.algo]
+    sections = {"data": grid["data"]}
+    if trial.stage == "main":
+        sections["evaluation"] = grid["evaluation"]
+        if algo.plans:
+            sections["planner"] = grid["planner"]
+    if algo.spec_key:
+        sections[algo.spec_key] = grid[algo.spec_key]
+    own = {k: v for k, v in trial.as_dict().items() if k != "name" and v is not None}
+    params = flatten("", {**own, **sections}, {})
+    return {k: str(v)[:500] for k, v in params.items()}
+
+
+def find_trial_run(client, experiment_id: str, parent_run_id: str, name: str):
+    """This invocation's MLflow run of a trial, if an earlier attempt created one."""
+    runs = client.search_runs([experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
+                              filter_string=f"tags.trial = '{name}' and tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    return runs[0] if runs else None
+
+
+def latest_trial_runs(client, experiment_id: str) -> list:
+    """The newest run per trial name, finished or failed."""
+    runs = client.search_runs([experiment_id], filter_string="tags.trial != ''", max_results=50000,
+                              order_by=["attributes.start_time DESC"])
+    newest = {}
+    for run in runs:
+        newest.setdefault(run.data.tags["trial"], run)
+    return list(newest.values())
+
+
+def grid_experiment(client, grid: Grid, tracking_uri: str):
+    """The grid's MLflow experiment; TrackingError when it has never been run there."""
+    experiment = client.get_experiment_by_name(experiment_name(grid))
+    if experiment is None:
+        raise TrackingError(f"no MLflow experiment {experiment_name(grid)!r} at {tracking_uri}; "
+                            f"run `persim-bench run --grid {grid.name}` first")
+    return experiment
+
+
+def newest_parent_run(client, experiment_id: str):
+    parents = client.search_runs([experiment_id], filter_string="tags.`persim_bench.parent` = '1'",
+                                 order_by=["attributes.start_time DESC"], max_results=1)
+    return parents[0] if parents else None
+
+
+def start_parent_run(grid: Grid, tracking_uri: str, source: str, artifact_root: Path | None) -> tuple[str, str]:
+    """Create the experiment (on the driver, before trials race to) and this invocation's parent run.
+
+    ``artifact_root`` keeps artifacts beside the SQLite database (MLflow's default is ./mlruns in
+    the cwd); None leaves the choice to a tracking server.
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    name = experiment_name(grid)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        location = (artifact_root / name.replace("/", "-")).as_uri() if artifact_root else None
+        experiment_id = client.create_experiment(name, artifact_location=location)
+    else:
+        experiment_id = experiment.experiment_id
+    parent = client.create_run(experiment_id, run_name=f"{grid.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                               tags={"grid": grid.name, "grid_source": source, "persim_bench.parent": "1"})
+    return experiment_id, parent.info.run_id
+
+
+# ---------------------------------------------------------------- resume state
+
+
+def grid_fingerprint(grid: Grid) -> str:
+    return hashlib.sha256(json.dumps(grid.model_dump(), sort_keys=True).encode()).hexdigest()
+
+
+def state_path(results: Path, grid: Grid) -> Path:
+    """Where ``run`` records what ``--resume`` needs: the grid's fingerprint, parent run, stores."""
+    return results / "state" / f"{grid.name}.json"
+
+
+def resume_state(results: Path, grid: Grid, tracking_uri: str | None, storage: str | None) -> dict:
+    """The interrupted invocation to continue; refused if the grid or its stores changed since."""
+    path = state_path(results, grid)
+    if not path.exists():
+        raise GridError(f"{path}: nothing to resume for grid {grid.name!r} (no earlier `run` under {results})")
+    state = json.loads(path.read_text())
+    if state["fingerprint"] != grid_fingerprint(grid):
+        raise GridError(f"grid {grid.name!r} changed since the run being resumed (started {state['started']}); "
+                        f"restore its definition and narrowing options, or run without --resume")
+    for key, given in (("tracking_uri", tracking_uri), ("storage", storage)):
+        if given and given != state[key]:
+            raise GridError(f"--resume: {key} {given!r} differs from the interrupted run's {state[key]!r}")
+    return state
+
+
+def save_state(results: Path, grid: Grid, state: dict) -> None:
+    path = state_path(results, grid)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(state, path)
+
+
+def new_state(grid: Grid, tracking_uri: str, storage: str, experiment_id: str, parent_run_id: str) -> dict:
+    return {"grid": grid.name, "fingerprint": grid_fingerprint(grid), "tracking_uri": tracking_uri,
+            "storage": storage, "experiment_id": experiment_id, "parent_run_id": parent_run_id,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S")}

@@ -1,0 +1,172 @@
+"""The grid's shared sections (data, policies, planner, evaluation, resources) and the helpers every spec uses.
+
+Algorithm sections live beside their algorithm (``algos/<x>.py``); ``config.py`` assembles the
+grid from these and from the algorithm registry. Nothing here imports an algorithm, so any
+module may import this one.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from persim_bench.envs import ENVS
+from persim_bench.errors import GridError
+
+REGIMES = ("pure", "random", "pure-eps-20", "pure-eps-40")
+
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def per_env(value, env: str):
+    """A setting given once for all envs or as {env: value}."""
+    if isinstance(value, dict):
+        if env not in value:
+            raise GridError(f"no value for env {env!r} in {value}")
+        return value[env]
+    return value
+
+
+def check_known(kind: str, names, allowed) -> list:
+    for name in names:
+        if name not in allowed:
+            raise ValueError(f"unknown {kind} {name!r}; known: {', '.join(allowed)}")
+    return names
+
+
+def known_env_keys(value):
+    """A per-env setting may only name known envs."""
+    if isinstance(value, dict):
+        check_known("env", value, ENVS)
+    return value
+
+
+class DataSpec(Strict):
+    n_agents: Annotated[int, Field(ge=5)] = 500
+    agents_per_shard: PositiveInt = 100
+    # Episode cap per env; the paper's horizon when absent. Small grids shorten HalfCheetah.
+    max_steps: dict[str, PositiveInt] = {}
+    # Ray actors generating shards; None = one per CPU of the cluster.
+    num_workers: PositiveInt | None = None
+
+    @field_validator("max_steps")
+    @classmethod
+    def _known_envs_within_horizon(cls, caps: dict[str, int]) -> dict[str, int]:
+        check_known("env", caps, ENVS)
+        for env, cap in caps.items():
+            if cap > ENVS[env].horizon:
+                raise ValueError(f"{env}: {cap} exceeds the paper's horizon {ENVS[env].horizon}")
+        return caps
+
+    def episode_steps(self, env: str) -> int:
+        return self.max_steps.get(env, ENVS[env].horizon)
+
+
+class PlannerSpec(Strict):
+    """The one MPC planner (paper Sec. 5, App. D.1): random shooting for discrete actions, CEM for continuous."""
+
+    horizon: PositiveInt | dict[str, PositiveInt] = {"mountaincar": 50, "cartpole": 30, "halfcheetah": 30}
+    candidates: PositiveInt | dict[str, PositiveInt] = {"mountaincar": 1000, "cartpole": 1000, "halfcheetah": 200}
+    # Paper: gamma 0.93 and the pessimistic minimum over ensemble members; authors' final code: 1.0 and mean.
+    gamma: Annotated[float, Field(gt=0, le=1)] = 0.93
+    aggregate: Literal["min", "mean"] = "min"
+    # CEM (authors' code): elites, refinement iterations after the first sample, smoothing of mean/std.
+    elites: PositiveInt = 50
+    iterations: Annotated[int, Field(ge=0)] = 5
+    smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    init_std: Annotated[float, Field(gt=0)] = 0.5
+    # Largest members x episodes x candidates batch scored in one tensor op (memory bound).
+    max_rows: PositiveInt = 100_000
+
+    @model_validator(mode="after")
+    def _elites_fit(self) -> "PlannerSpec":
+        smallest = min(self.candidates.values()) if isinstance(self.candidates, dict) else self.candidates
+        if self.elites > smallest:
+            raise ValueError(f"elites ({self.elites}) must not exceed candidates ({smallest})")
+        return self
+
+
+class PolicySpec(Strict):
+    """Online-trained policies (paper Sec. 6.1, App. E): DQN for discrete envs, TD3 for HalfCheetah.
+
+    Logging policies (one per policy-training agent) make the pure* regimes; test policies
+    (default agent) drive the prediction-error test. Budgets are environment steps.
+    """
+
+    budget: PositiveInt | dict[str, PositiveInt] = {"mountaincar": 100_000, "cartpole": 5_000, "halfcheetah": 300_000}
+    test_budget: PositiveInt | dict[str, PositiveInt] = {"mountaincar": 100_000, "cartpole": 5_000,
+                                                         "halfcheetah": 300_000}
+    hidden: list[PositiveInt] = [256, 256]
+    seed: Annotated[int, Field(ge=0)] = 0
+    # Parallel copies of the agent stepped together while training.
+    n_envs: PositiveInt = 8
+    # Checkpoints: every `eval_every` env steps (and at the end of training) the greedy policy is
+    # scored over `eval_episodes` episodes of its own agent (one batch) and kept in memory.
+    # None = no intermediate checkpoints: the final policy, as before checkpoints existed.
+    eval_every: PositiveInt | dict[str, PositiveInt] | None = None
+    eval_episodes: PositiveInt = 10
+    # Logging policies keep the checkpoint whose greedy return on its own agent is nearest this
+    # (the paper's logging policies are not optimal: Table 8); None, or an env left out = the best
+    # checkpoint. Test policies always keep the best. The value reproducing Table 8 is in paper.yaml
+    # with its derivation.
+    target_return: float | dict[str, float | None] | None = None
+
+    @field_validator("budget", "test_budget", "eval_every", "target_return")
+    @classmethod
+    def _env_keys(cls, value):
+        return known_env_keys(value)
+
+    @model_validator(mode="after")
+    def _target_needs_checkpoints(self) -> "PolicySpec":
+        if isinstance(self.target_return, dict):
+            for env, target in self.target_return.items():
+                if target is not None and self.checkpoint_every(env) is None:
+                    raise ValueError(f"target_return for {env} needs eval_every (checkpoints to choose from)")
+        elif self.target_return is not None and self.eval_every is None:
+            raise ValueError("target_return needs eval_every (checkpoints to choose from)")
+        return self
+
+    def checkpoint_every(self, env: str | None) -> int | None:
+        """Env steps between checkpoint evaluations of ``env``'s policies (None: final policy only)."""
+        if isinstance(self.eval_every, dict):
+            return self.eval_every.get(env)
+        return self.eval_every
+
+    def target(self, env: str) -> float | None:
+        """The logging policies' target return for ``env`` (None: keep the best checkpoint)."""
+        if isinstance(self.target_return, dict):
+            return self.target_return.get(env)
+        return self.target_return
+
+
+class EvaluationSpec(Strict):
+    """Shared evaluation (paper Sec. 6.2-6.3, App. F)."""
+
+    test_agents: list[Annotated[int, Field(ge=0, le=4)]] = [0, 1, 2, 3, 4]
+    prediction_trajectories: PositiveInt = 200
+    prediction_steps: PositiveInt = 50
+    # One-step burn-in before the open-loop window (authors' code: 10).
+    burn_in: Annotated[int, Field(ge=0)] = 10
+    reward_episodes: PositiveInt = 20
+    # Episodes per test agent for model-free policies (BCQ), cheap to run (paper: 100).
+    policy_reward_episodes: PositiveInt = 100
+    # Actions of the prediction test: the trained test policy (paper) or a hand-written controller.
+    prediction_policy: Literal["trained", "heuristic"] = "trained"
+    # Episode cap for reward episodes; the paper's horizon when absent.
+    max_steps: dict[str, PositiveInt] = {}
+
+    def episode_steps(self, env: str) -> int:
+        return self.max_steps.get(env, ENVS[env].horizon)
+
+
+class Resources(Strict):
+    """What one trial of an algorithm reserves on the Ray cluster."""
+
+    cpu: Annotated[float, Field(gt=0)] = 1.0
+    gpu: Annotated[float, Field(ge=0)] = 0.0
+
+
