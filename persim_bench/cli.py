@@ -36,7 +36,8 @@ def cmd_run(args) -> None:
         from persim_bench.orchestration.estimate import estimate, format_estimate
 
         rate = measure_rate()
-        print(format_estimate(grid, estimate(grid, rate=rate, data_root=results / "datasets" / grid.name), rate))
+        stages = estimate(grid, rate=rate, data_root=results / "datasets" / grid.name, gpu_rate=args.gpu_rate)
+        print(format_estimate(grid, stages, rate, args.gpu_rate))
         return
     from persim_bench.orchestration.stages import run_grid
 
@@ -97,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue the last interrupted run of this grid: finished trials are not rerun")
     run.add_argument("--dry-run", action="store_true",
                      help="print trials per stage and an estimate of the CPU-hours, without starting Ray")
+    run.add_argument("--gpu-rate", type=float, default=4e12,
+                     help="--dry-run: multiply-adds/s of a trial on a reserved GPU (default 4e12, see README)")
     run.set_defaults(func=cmd_run)
 
     tables = commands.add_parser("tables", help="write the paper's tables from MLflow to results/<grid>/")

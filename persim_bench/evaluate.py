@@ -9,6 +9,9 @@ Reward (Sec. 6.3): undiscounted return of a policy acting on the real env.
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
+import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -22,13 +25,14 @@ from persim_bench.data.dataset import DatasetError, Transitions, read_dataset
 from persim_bench.data.policies import load_policy, prediction_policy_path
 from persim_bench.envs import get_env
 from persim_bench.envs.base import EnvFamily
-from persim_bench.planning import MPCPlanner
+from persim_bench.planning import MPCPlanner, model_device
 
 if TYPE_CHECKING:
     from persim_bench.config import Grid
     from persim_bench.specs import PlannerSpec
 
-# (obs [E, D], agent [E]) -> actions [E] or [E, A]: an MPC planner or a model-free policy.
+# (obs [E, D], agent [E]) -> actions [E] or [E, A]: an MPC planner or a model-free policy. One that keeps
+# per-episode state (the planner) also takes ``episodes=``: which episodes the E rows are (see episode_rewards).
 ActFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
@@ -53,14 +57,19 @@ def record_test_trajectories(family: EnvFamily, covariates: np.ndarray, agents: 
 
 @torch.no_grad()
 def open_loop(model: DynamicsModel, start: np.ndarray, actions: np.ndarray, agent: np.ndarray) -> np.ndarray:
-    """Each member (or particle) rolls its own trajectory from start [E, D]; returns their mean [E, H, D]."""
-    state = torch.as_tensor(start, dtype=torch.float32).expand(model.n_members, *start.shape).contiguous()
-    agent_t = torch.as_tensor(agent, dtype=torch.long)
+    """Each member (or particle) rolls its own trajectory from start [E, D]; returns their mean [E, H, D].
+
+    Runs on the model's device: the inputs go there once, the predictions come back once.
+    """
+    device = model_device(model)
+    state = torch.as_tensor(start, dtype=torch.float32, device=device).expand(model.n_members, *start.shape).contiguous()
+    steps = torch.as_tensor(actions, device=device).transpose(0, 1).contiguous()  # [H, E(, A)]: step t is contiguous
+    agent_t = torch.as_tensor(agent, dtype=torch.long, device=device)
     predicted = []
-    for t in range(actions.shape[1]):
-        state = model.step(state, torch.as_tensor(actions[:, t]), agent_t)
+    for action in steps:
+        state = model.step(state, action, agent_t)
         predicted.append(state.mean(dim=0))
-    return torch.stack(predicted, 1).numpy()
+    return torch.stack(predicted, 1).cpu().numpy()
 
 
 def prediction_error(model: DynamicsModel, family: EnvFamily, covariates: np.ndarray, agents: list[int],
@@ -72,7 +81,9 @@ def prediction_error(model: DynamicsModel, family: EnvFamily, covariates: np.nda
     truth = obs[:, burn_in + 1:]
     key = agent
     if isinstance(model, ContextualModel):  # context from the real burn-in steps, fixed over the window
-        model.condition(torch.as_tensor(obs[:, :burn_in + 1]), torch.as_tensor(actions[:, :burn_in]))
+        device = model_device(model)
+        model.condition(torch.as_tensor(obs[:, :burn_in + 1], device=device),
+                        torch.as_tensor(actions[:, :burn_in], device=device))
         key = np.arange(len(agent))
     predicted = open_loop(model, obs[:, burn_in], actions[:, burn_in:], key)
     valid = alive[:, burn_in:-1]  # state t+1 was really reached iff the episode still ran at t
@@ -95,17 +106,34 @@ def prediction_error(model: DynamicsModel, family: EnvFamily, covariates: np.nda
 
 def episode_rewards(act: ActFn, family: EnvFamily, covariates: np.ndarray, agents: list[int], episodes: int,
                     max_steps: int, seed: int, on_step: Callable[[int], None] | None = None) -> dict:
-    """Per test agent: mean undiscounted return over ``episodes`` episodes, all run in lock-step."""
+    """Per test agent: mean undiscounted return over ``episodes`` episodes, all run in lock-step.
+
+    ``act`` only sees the episodes still running, so a planner's batch shrinks as episodes end.
+    If it takes an ``episodes`` keyword (the MPC planner) it also gets their indices among all
+    the episodes here (``arange(n)`` while all run), to keep its per-episode state aligned.
+    Metrics: per agent the mean and std of the returns, the mean length, and every episode's
+    return (``episode_returns_agent{a}``, a list, for bootstrap intervals).
+    """
     rng = np.random.default_rng(seed)
     agent = np.repeat(np.asarray(agents), episodes)
+    n = len(agent)
     sim = family.batch(covariates[agent])
     obs = sim.reset(rng)
-    returns = np.zeros(len(agent))
-    alive = np.ones(len(agent), dtype=bool)
-    lengths = np.zeros(len(agent), dtype=np.int64)
+    returns = np.zeros(n)
+    alive = np.ones(n, dtype=bool)
+    lengths = np.zeros(n, dtype=np.int64)
+    tracks_episodes = _takes_episodes(act)
     for t in range(max_steps):
-        # Finished episodes still get an action (cheap, keeps shapes fixed) but earn nothing.
-        obs, reward, terminated = sim.step(act(obs, agent))
+        running = np.flatnonzero(alive)
+        if len(running) == n:
+            action = np.asarray(act(obs, agent, episodes=running) if tracks_episodes else act(obs, agent))
+        else:
+            chosen = np.asarray(act(obs[running], agent[running], episodes=running) if tracks_episodes
+                                else act(obs[running], agent[running]))
+            # The simulator steps every agent: finished ones get a placeholder action and earn nothing.
+            action = np.zeros((n, *chosen.shape[1:]), dtype=chosen.dtype)
+            action[running] = chosen
+        obs, reward, terminated = sim.step(action)
         returns += reward * alive
         lengths += alive
         alive &= ~terminated
@@ -119,8 +147,17 @@ def episode_rewards(act: ActFn, family: EnvFamily, covariates: np.ndarray, agent
         metrics[f"reward_agent{a}"] = float(returns[mine].mean())
         metrics[f"reward_std_agent{a}"] = float(returns[mine].std())
         metrics[f"length_agent{a}"] = float(lengths[mine].mean())
+        metrics[f"episode_returns_agent{a}"] = [float(r) for r in returns[mine]]
     metrics["reward_mean"] = float(np.mean([metrics[f"reward_agent{a}"] for a in agents]))
     return metrics
+
+
+def _takes_episodes(act: ActFn) -> bool:
+    """Does ``act`` accept ``episodes=`` (a policy with per-episode state, like ``MPCPlanner.act``)?"""
+    try:
+        return "episodes" in inspect.signature(act).parameters
+    except (TypeError, ValueError):  # no introspectable signature (some builtins): a plain ActFn
+        return False
 
 
 # ---------------------------------------------------------------- the evaluation every trial shares
@@ -131,9 +168,59 @@ def test_covariates(family: EnvFamily) -> np.ndarray:
     return np.asarray(family.test_agents, dtype=np.float64)
 
 
+@contextlib.contextmanager
+def timed(ctx: TrialContext, phase: str):
+    """Add this block's wall time to the trial's ``seconds_<phase>`` (logged to MLflow with its metrics)."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        key = f"seconds_{phase}"
+        ctx.costs[key] = ctx.costs.get(key, 0.0) + time.perf_counter() - started
+
+
+class CountingModel:
+    """A dynamics model that counts the rows (members x batch) it steps; everything else goes to the model."""
+
+    def __init__(self, model: DynamicsModel):
+        self.model = model
+        self.rows = 0
+
+    def step(self, obs: torch.Tensor, action: torch.Tensor, agent: torch.Tensor) -> torch.Tensor:
+        self.rows += obs.shape[0] * obs.shape[1]
+        return self.model.step(obs, action, agent)
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+
+def macs_per_row(model: DynamicsModel, family: EnvFamily, rows: int = 64) -> float:
+    """Multiply-adds of one model row (one member, one state), counted by torch on one step of ``rows`` states."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    members = model.n_members
+    params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
+    device = params[0].device if params else torch.device("cpu")
+    obs = torch.zeros(members, rows, family.obs_dim, device=device)
+    action = (torch.zeros(rows, dtype=torch.long) if family.discrete else torch.zeros(rows, family.action_dim)).to(device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.step(obs, action, torch.zeros(rows, dtype=torch.long, device=device))
+    return counter.get_total_flops() / 2 / (members * rows)
+
+
+def record_model_cost(model: CountingModel, family: EnvFamily, ctx: TrialContext) -> None:
+    """Rows the model evaluated and the multiply-adds/s it achieved over the prediction and reward phases."""
+    seconds = ctx.costs.get("seconds_prediction", 0.0) + ctx.costs.get("seconds_reward", 0.0)
+    macs = macs_per_row(model.model, family)
+    ctx.costs.update(model_rows=model.rows, model_macs_per_row=macs)
+    if macs and seconds:
+        ctx.costs["model_macs_per_second"] = model.rows * macs / seconds
+
+
 def load_trial_data(trial: Trial, ctx: TrialContext) -> Transitions:
     """The trial's dataset, through the one reader, checked to start with the paper's test agents."""
-    data = read_dataset(ctx.data_root, trial.env, trial.regime)
+    with timed(ctx, "load"):
+        data = read_dataset(ctx.data_root, trial.env, trial.regime)
     family = get_env(trial.env)
     if not np.allclose(data.covariates[: len(family.test_agents)], family.test_agents):
         raise DatasetError(f"{ctx.data_root}/{trial.env}/{trial.regime}: the dataset's agents 0-4 are not the "
@@ -156,19 +243,24 @@ def evaluate_model(model: DynamicsModel, trial: Trial, ctx: TrialContext, planne
     """Prediction error and MPC reward of a learned dynamics model on the test agents."""
     grid, family = ctx.grid, get_env(trial.env)
     spec = grid.evaluation
-    policy, policy_name = test_actions_policy(grid, family, ctx.policy_root, trial.seed)
-    metrics = prediction_error(model, family, test_covariates(family), spec.test_agents, policy,
-                               spec.prediction_trajectories, spec.prediction_steps, spec.burn_in, trial.seed)
+    counted = CountingModel(model)
+    with timed(ctx, "prediction"):
+        policy, policy_name = test_actions_policy(grid, family, ctx.policy_root, trial.seed)
+        metrics = prediction_error(counted, family, test_covariates(family), spec.test_agents, policy,
+                                   spec.prediction_trajectories, spec.prediction_steps, spec.burn_in, trial.seed)
     metrics["prediction_policy"] = policy_name
-    metrics.update(plan_and_score(model, trial, ctx, planner))
+    metrics.update(plan_and_score(counted, trial, ctx, planner))
     return metrics
 
 
 def plan_and_score(model: DynamicsModel, trial: Trial, ctx: TrialContext, planner: "PlannerSpec | None" = None) -> dict:
     """Reward of the shared MPC planner (grid's settings unless ``planner`` overrides them) on ``model``."""
     family = get_env(trial.env)
-    act = MPCPlanner(family, model, planner or ctx.grid.planner, trial.seed).act
-    return score_policy(act, trial, ctx, ctx.grid.evaluation.reward_episodes)
+    counted = model if isinstance(model, CountingModel) else CountingModel(model)
+    act = MPCPlanner(family, counted, planner or ctx.grid.planner, trial.seed).act
+    metrics = score_policy(act, trial, ctx, ctx.grid.evaluation.reward_episodes)
+    record_model_cost(counted, family, ctx)
+    return metrics
 
 
 def score_policy(act: ActFn, trial: Trial, ctx: TrialContext, episodes: int) -> dict:
@@ -176,7 +268,8 @@ def score_policy(act: ActFn, trial: Trial, ctx: TrialContext, episodes: int) -> 
     spec, family = ctx.grid.evaluation, get_env(trial.env)
     steps = spec.episode_steps(family.name)
     progress = max(1, steps // 10)
-    return episode_rewards(
-        act, family, test_covariates(family), spec.test_agents, episodes, steps, trial.seed,
-        on_step=lambda t: ctx.report({"stage": "reward", "episode_step": t + 1}) if (t + 1) % progress == 0 else None,
-    )
+    with timed(ctx, "reward"):
+        return episode_rewards(
+            act, family, test_covariates(family), spec.test_agents, episodes, steps, trial.seed,
+            on_step=lambda t: ctx.report({"stage": "reward", "episode_step": t + 1}) if (t + 1) % progress == 0 else None,
+        )

@@ -119,3 +119,19 @@ def test_measure_rate_is_a_plausible_single_core_rate():
     rate = measure_rate(0.06)
     assert 1e8 < rate < 1e13
     assert torch.get_num_threads() == threads
+
+
+def test_gpu_reservations_are_costed_at_the_gpu_rate_and_reported_as_gpu_hours(write_grid):
+    from persim_bench.specs import Resources
+
+    grid = load_grid("paper")
+    on_gpu = grid.model_copy(update={"resources": {"persim": Resources(cpu=2, gpu=0.25)}})
+    cpu_only = stages(grid)["main"]
+    gpu = stages(on_gpu, gpu_rate=RATE * 100)["main"]
+    assert set(gpu.by_algo_gpu) == {"persim"} and cpu_only.gpu_hours == 0.0
+    # Same trials at a 100x rate: far fewer hours, held as 2 CPUs and a quarter GPU each.
+    assert gpu.by_algo["persim"] == pytest.approx(8 * gpu.by_algo_gpu["persim"])
+    assert gpu.by_algo_gpu["persim"] < cpu_only.by_algo["persim"] / 10
+    assert gpu.by_algo["cadm_pets"] == pytest.approx(cpu_only.by_algo["cadm_pets"])
+    text = format_estimate(on_gpu, estimate(on_gpu, RATE), RATE)
+    assert "GPU-hours" in text and "GPU-hours" not in format_estimate(grid, estimate(grid, RATE), RATE)

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from persim_bench.algos.base import Algorithm, TrialContext
 from persim_bench.algos.d3rlpy_common import OfflinePolicySpec
@@ -23,8 +24,18 @@ from persim_bench.orchestration.tables import method_label
 TEST_AGENTS = [0, 3]
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny nets on a shared 2-core box: a second intra-op thread mostly waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_grid(algo: str, env: str) -> Grid:
-    sections = {key: {"steps": 10, "steps_per_epoch": 10} for key, spec in spec_sections().items()
+    smoke = load_grid("smoke")  # the d3rlpy baselines at smoke size (their fields differ; smoke sizes are valid)
+    sections = {key: getattr(smoke, key).model_dump() for key, spec in spec_sections().items()
                 if issubclass(spec, OfflinePolicySpec)}
     return Grid.model_validate({
         "name": "contract", "envs": [env], "regimes": ["random"], "algos": [algo], "seeds": [0],
@@ -69,6 +80,10 @@ def test_every_algorithm_fits_and_scores_every_test_agent_and_repeats_itself(nam
         ctx = TrialContext(grid, tmp_path / "data", tmp_path / "policies", tmp_path / f"work{attempt}")
         runs.append(algo.run(trial, ctx))
     first, again = runs
+    assert ctx.costs["seconds_reward"] > 0 and ("seconds_load" in ctx.costs) == algo.needs_data
+    if algo.plans:  # the planner's model rows are counted, and learned nets' multiply-adds measured
+        assert ctx.costs["model_rows"] > 0
+        assert (ctx.costs.get("model_macs_per_second", 0) > 0) == algo.learns_dynamics
     for a in TEST_AGENTS:
         assert math.isfinite(first[f"reward_agent{a}"])
         if algo.learns_dynamics:

@@ -1,7 +1,7 @@
 """Contracts: dynamics models <-> the shared planner and evaluation; algorithms <-> the registry and the trials."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Protocol, runtime_checkable
 
@@ -69,6 +69,7 @@ class TrialContext:
     work_dir: Path                  # the trial's own folder (Tune's trial directory)
     device: str = "cpu"             # "cuda" when the grid reserves a GPU for this algorithm and one is there
     report: Callable[[dict], None] = lambda metrics: None
+    costs: dict = field(default_factory=dict)  # seconds per phase and model rows, filled by the shared helpers
 
 
 # A cost function for ``--dry-run``: (grid, trial, dataset rows, multiply-adds/s) -> CPU-seconds of the trial.

@@ -7,7 +7,7 @@ without one is refused, never costed as another. The primitives and their assump
 from __future__ import annotations
 
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from persim_bench.algos.persim import persim_fit_seconds
@@ -20,12 +20,20 @@ from persim_bench.errors import GridError
 from persim_bench.orchestration.trials import rank_cv_trials, main_trials
 
 
+# Multiply-adds/s of one trial on a reserved GPU, for --dry-run's GPU-hours (override: --gpu-rate). Not measured
+# here (no GPU on the dev machine): an A100's fp32 dense peak is 19.5 TFLOP/s = 9.75e12 multiply-adds/s, and
+# these small MLPs reach maybe 40 % of it, so 4e12. Per-call overheads (kernel launches) keep their CPU values.
+DEFAULT_GPU_RATE = 4e12
+
+
 @dataclass
 class StageEstimate:
     stage: str                  # "policies", "datasets", "rank_cv", "main"
     trials: int                 # Tune trials (policies: policy-training tasks; datasets: shards)
-    cpu_hours: float
+    cpu_hours: float            # CPU-hours reserved (a GPU trial holds its CPUs while it runs)
     by_algo: dict[str, float]   # cpu-hours per algorithm (main/rank_cv); {} otherwise
+    gpu_hours: float = 0.0      # GPU-hours reserved (hours x GPU share) by trials whose grid reserves a GPU
+    by_algo_gpu: dict[str, float] = field(default_factory=dict)
 
 
 def dataset_rows(grid: Grid, env: str, regime: str, data_root: Path | None) -> int:
@@ -41,9 +49,12 @@ def dataset_rows(grid: Grid, env: str, regime: str, data_root: Path | None) -> i
     return grid.data.n_agents * cap
 
 
-def estimate(grid: Grid, rate: float | None = None, data_root: Path | None = None) -> list[StageEstimate]:
-    """Trials and CPU-hours of every stage; ``rate`` (multiply-adds/s per core) is measured when None.
+def estimate(grid: Grid, rate: float | None = None, data_root: Path | None = None,
+             gpu_rate: float = DEFAULT_GPU_RATE) -> list[StageEstimate]:
+    """Trials and CPU-hours (and GPU-hours where the grid reserves GPUs) of every stage.
 
+    ``rate`` (multiply-adds/s per core) is measured when None. A trial that reserves a GPU is
+    costed at ``gpu_rate``: its hours count as GPU-hours x its GPU share and CPU-hours x its CPUs.
     Refuses (GridError) a grid with an algorithm whose registry entry has no cost function.
     """
     uncosted = [name for name in grid.algos if ALGORITHMS[name].cost is None]
@@ -55,38 +66,59 @@ def estimate(grid: Grid, rate: float | None = None, data_root: Path | None = Non
     shards, data_seconds = dataset_seconds(grid, rate)
     rows = {(env, regime): dataset_rows(grid, env, regime, data_root) for env in grid.envs for regime in grid.regimes}
 
+    def reserved(key: str, seconds_at) -> tuple[float, float]:
+        """(CPU-hours, GPU-hours) of a trial reserving ``grid.resources[key]``; ``seconds_at(rate)`` its cost."""
+        wanted = grid.trial_resources(key)
+        if wanted.gpu > 0:
+            hours = seconds_at(gpu_rate) / 3600
+            return hours * wanted.cpu, hours * wanted.gpu
+        return seconds_at(rate) / 3600, 0.0
+
     cv_trials = rank_cv_trials(grid)
-    cv_hours = sum(persim_fit_seconds(grid, t.env, rows[t.env, t.regime], t.rank, grid.persim.cv_holdout, rate)
-                   for t in cv_trials) / 3600
+    cv = [reserved("rank_cv", lambda r, t=t: persim_fit_seconds(grid, t.env, rows[t.env, t.regime], t.rank,
+                                                                grid.persim.cv_holdout, r)) for t in cv_trials]
+    cv_cpu, cv_gpu = sum(c for c, _ in cv), sum(g for _, g in cv)
     # rank_cv has not picked yet: max(rank_grid) stands in for every pick (the dearest rank), which
     # also makes sweep_ranks count the len(rank_grid) trials it will run, not one more.
     picks = {(t.env, t.regime, t.seed): max(grid.persim.rank_grid) for t in cv_trials}
     by_algo: dict[str, float] = {}
+    by_algo_gpu: dict[str, float] = {}
     main = main_trials(grid, picks)
     for trial in main:
         data = rows.get((trial.env, trial.regime), 0)  # data-free algorithms (regime "none") read none
-        hours = ALGORITHMS[trial.algo].cost(grid, trial, data, rate) / 3600
-        by_algo[trial.algo] = by_algo.get(trial.algo, 0.0) + hours
+        cost = ALGORITHMS[trial.algo].cost
+        cpu, gpu = reserved(trial.algo, lambda r: cost(grid, trial, data, r))
+        by_algo[trial.algo] = by_algo.get(trial.algo, 0.0) + cpu
+        if gpu:
+            by_algo_gpu[trial.algo] = by_algo_gpu.get(trial.algo, 0.0) + gpu
     return [
         StageEstimate("policies", len(jobs), sum(policy_job_seconds(job, rate) for job in jobs) / 3600, {}),
         StageEstimate("datasets", shards, data_seconds / 3600, {}),
-        StageEstimate("rank_cv", len(cv_trials), cv_hours, {"persim": cv_hours} if cv_trials else {}),
-        StageEstimate("main", len(main), sum(by_algo.values()), by_algo),
+        StageEstimate("rank_cv", len(cv_trials), cv_cpu, {"persim": cv_cpu} if cv_trials else {}, cv_gpu,
+                      {"persim": cv_gpu} if cv_gpu else {}),
+        StageEstimate("main", len(main), sum(by_algo.values()), by_algo, sum(by_algo_gpu.values()), by_algo_gpu),
     ]
 
 
-def format_estimate(grid: Grid, stages: list[StageEstimate], rate: float | None = None) -> str:
-    """A small aligned table: trials and CPU-hours per stage (main split by algorithm), the total, the assumptions."""
-    row = "{:<16}{:>8}{:>14}".format
-    lines = [f"grid {grid.name}: estimated cost (dry run)", row("stage", "trials", "CPU-hours")]
+def format_estimate(grid: Grid, stages: list[StageEstimate], rate: float | None = None,
+                    gpu_rate: float = DEFAULT_GPU_RATE) -> str:
+    """A small aligned table: trials, CPU-hours (and GPU-hours) per stage (main split by algorithm), the assumptions."""
+    gpus = any(s.gpu_hours for s in stages)
+    row = ("{:<16}{:>8}{:>14}{:>14}" if gpus else "{:<16}{:>8}{:>14}{}").format
+    gpu = lambda hours: f"{hours:,.2f}" if gpus else ""
+    lines = [f"grid {grid.name}: estimated cost (dry run)", row("stage", "trials", "CPU-hours", "GPU-hours" if gpus else "")]
     for stage in stages:
-        lines.append(row(stage.stage, stage.trials, f"{stage.cpu_hours:,.2f}"))
+        lines.append(row(stage.stage, stage.trials, f"{stage.cpu_hours:,.2f}", gpu(stage.gpu_hours)))
         if len(stage.by_algo) > 1:
-            lines += [row(f"  {algo}", "", f"{hours:,.2f}") for algo, hours in stage.by_algo.items()]
-    lines.append(row("total", sum(s.trials for s in stages), f"{sum(s.cpu_hours for s in stages):,.2f}"))
+            lines += [row(f"  {algo}", "", f"{hours:,.2f}", gpu(stage.by_algo_gpu.get(algo, 0.0)))
+                      for algo, hours in stage.by_algo.items()]
+    lines.append(row("total", sum(s.trials for s in stages), f"{sum(s.cpu_hours for s in stages):,.2f}",
+                     gpu(sum(s.gpu_hours for s in stages))))
     at = f"{rate / 1e9:.0f} G" if rate else "the measured"
+    gpu_note = (f" Trials reserving a GPU: computed at {gpu_rate / 1e12:g} T multiply-adds/s (--gpu-rate; a "
+                f"documented guess, not measured), GPU-hours x their GPU share, CPU-hours x their CPUs." if gpus else "")
     lines += textwrap.wrap(
         f"Assumes: one core per trial at {at} multiply-adds/s, per-call and env-step costs measured on the 2-core "
         "dev machine; upper bounds: every episode runs to its cap, CaDM never stops early, nothing is cached; "
-        "Ray, Tune and MLflow overheads not counted. Wall time ~ CPU-hours / CPUs of the cluster.", 100)
+        "Ray, Tune and MLflow overheads not counted. Wall time ~ CPU-hours / CPUs of the cluster." + gpu_note, 100)
     return "\n".join(lines)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from persim_bench.algos.base import Trial
 from persim_bench.algos.registry import ALGORITHMS
 from persim_bench.config import Grid
 from persim_bench.data.dataset import DatasetError, read_dataset
@@ -108,6 +109,53 @@ def to_latex(table: dict) -> str:
     return f"% {escape(table['title'])}\n" + "\n".join(lines) + "\n"
 
 
+def cost_table(runs: list, grid: Grid, data_root: Path, rate: float | None = None) -> dict:
+    """Estimated (``--dry-run``'s model) vs measured CPU-seconds per main trial, by algorithm x env.
+
+    Measured = wall seconds x CPUs the trial reserved; the phase split and the model's achieved
+    multiply-adds/s come from the trial's own metrics.
+    """
+    from persim_bench.costmodel import measure_rate
+    from persim_bench.orchestration.estimate import dataset_rows
+
+    rate = rate or measure_rate()
+    groups: dict[tuple[str, str], list] = defaultdict(list)
+    for run in runs:
+        tags = run.data.tags
+        if run.info.status == "FINISHED" and tags.get("stage") == "main" and "seconds_total" in run.data.metrics:
+            groups[tags["algo"], tags["env"]].append(run)
+    rows = []
+    for (algo, env), group in sorted(groups.items(), key=lambda item: (_order(item[0][0], grid.algos), item[0][1])):
+        cpus = grid.trial_resources(algo).cpu
+        measured = [r.data.metrics["seconds_total"] * cpus for r in group]
+        estimated = []
+        for run in group:
+            trial = Trial(stage="main", algo=algo, env=env, regime=run.data.tags["regime"],
+                          seed=int(run.data.tags["seed"]), rank=int(run.data.params["rank"]) if "rank" in run.data.params else None)
+            data = dataset_rows(grid, env, trial.regime, data_root) if trial.regime != "none" else 0
+            cost = ALGORITHMS[algo].cost if algo in ALGORITHMS else None
+            if cost is not None:
+                estimated.append(cost(grid, trial, data, rate))
+        phases = {p: np.mean([r.data.metrics.get(f"seconds_{p}", 0.0) for r in group])
+                  for p in ("load", "fit", "prediction", "reward")}
+        macs = [r.data.metrics["model_macs_per_second"] for r in group if "model_macs_per_second" in r.data.metrics]
+        devices = sorted({r.data.tags.get("device", "cpu") for r in group})
+        est = float(np.mean(estimated)) if estimated else float("nan")
+        rows.append([method_label(algo), env, str(len(group)), f"{est:.4g}", f"{np.mean(measured):.4g}",
+                     f"{np.mean(measured) / est:.2f}" if estimated else "-",
+                     " / ".join(f"{phases[p]:.3g}" for p in phases),
+                     f"{np.mean(macs) / 1e9:.3g}" if macs else "-", ",".join(devices)])
+    return {"title": f"Cost per main trial: estimated (--dry-run model, {rate / 1e9:.0f} G multiply-adds/s per core) vs "
+                     f"measured CPU-seconds (wall x reserved CPUs); phases in wall seconds",
+            "columns": ["method", "env", "trials", "estimated s", "measured s", "measured / estimated",
+                        "load / fit / prediction / reward s", "model G multiply-adds/s", "device"],
+            "rows": rows}
+
+
+def _order(algo: str, algos: list[str]) -> int:
+    return algos.index(algo) if algo in algos else len(algos)
+
+
 def failed_trials(runs: list) -> list[str]:
     return sorted(f"{r.data.tags['trial']}: {r.data.tags.get('error', 'no error recorded')}"
                   for r in runs if r.info.status == "FAILED")
@@ -188,7 +236,8 @@ def write_tables(grid: Grid, tracking_uri: str, results: Path, data_root: Path) 
     runs = latest_trial_runs(client, experiment.experiment_id)
     out = results / grid.name
     out.mkdir(parents=True, exist_ok=True)
-    tables = {"datasets": dataset_table(grid, data_root), **build_tables(runs, grid)}
+    tables = {"datasets": dataset_table(grid, data_root), **build_tables(runs, grid),
+              "costs": cost_table(runs, grid, data_root)}
     if any(run.data.tags.get("stage") == "rank_cv" for run in runs):
         tables["rank_cv"] = rank_cv_table(runs, grid.persim.cv_tolerance)
         if tables["rank_cv"]["rows"]:

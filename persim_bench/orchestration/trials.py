@@ -95,6 +95,12 @@ def trial_device(grid: Grid, trial: Trial) -> str:
     return "cuda" if grid.trial_resources(resources_key(trial)).gpu > 0 and torch.cuda.is_available() else "cpu"
 
 
+def cost_metrics(costs: dict, total: float) -> dict:
+    """Seconds by phase: load, prediction and reward as timed by the shared helpers; fit is the rest of the trial."""
+    timed = sum(v for k, v in costs.items() if k.startswith("seconds_"))
+    return {**costs, "seconds_total": total, "seconds_fit": max(0.0, total - timed)}
+
+
 @dataclass(frozen=True)
 class RunContext:
     """What every trial needs from the driver; all paths absolute (trials run in their own cwd)."""
@@ -146,6 +152,7 @@ def run_trial(config: dict, context: RunContext) -> None:
     ctx = TrialContext(grid, Path(context.data_root), Path(context.policy_root),
                        Path(tune.get_context().get_trial_dir()), device, tune.report)
     run = cross_validate_rank if trial.stage == RANK_CV else ALGORITHMS[trial.algo].run
+    started = time.perf_counter()
     try:
         metrics = run(trial, ctx)
     except Exception as err:
@@ -155,6 +162,7 @@ def run_trial(config: dict, context: RunContext) -> None:
         client.set_terminated(run_id, "FAILED")
         tune.report({"stage": "failed", "error": error[:500], "mlflow_run_id": run_id})
         return
+    metrics = {**metrics, **cost_metrics(ctx.costs, time.perf_counter() - started)}
     now = int(time.time() * 1000)
     numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     history = [Metric(k, float(v), now, step) for k, values in metrics.items() if isinstance(values, list)
