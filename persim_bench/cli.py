@@ -62,6 +62,18 @@ def cmd_tables(args) -> None:
     print((out / "tables.md").read_text())
 
 
+def cmd_report(args) -> None:
+    from persim_bench.orchestration.report import write_report
+    from persim_bench.orchestration.tracking import default_tracking_uri
+
+    grid = load_grid(args.grid)
+    results = Path(args.results).resolve()
+    path = write_report(grid, args.mlflow_uri or default_tracking_uri(results), results,
+                        results / "datasets" / grid.name)
+    print(path.read_text())
+    print(f"report in {path}")
+
+
 def cmd_ui(args) -> None:
     import subprocess
 
@@ -107,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     tables.add_argument("--results", default="results")
     tables.add_argument("--mlflow-uri")
     tables.set_defaults(func=cmd_tables)
+
+    report = commands.add_parser("report", help="the reproduction report: paper vs ours cell by cell, claims, "
+                                                 "aggregates, Figure 1 (results/<grid>/report/)")
+    report.add_argument("--grid", required=True)
+    report.add_argument("--results", default="results")
+    report.add_argument("--mlflow-uri")
+    report.set_defaults(func=cmd_report)
 
     ui = commands.add_parser("ui", help="the MLflow UI on 127.0.0.1 over the results database")
     ui.add_argument("--results", default="results")

@@ -1,4 +1,5 @@
 """`persim-bench run` end to end on a real local Ray cluster, Ray Tune trials and MLflow on SQLite."""
+import csv
 import subprocess
 import sys
 
@@ -78,6 +79,21 @@ def test_run_logs_every_trial_under_one_parent_and_writes_tables(ray_cluster, wr
     data = read_dataset(results / "datasets" / "tiny-pipeline", "cartpole", "random")
     assert table8[1].startswith("cartpole,random,") and table8[1].endswith(f",{len(data) / 8:.1f}")
     assert "dqn" in (results / "tiny-pipeline" / "policies.md").read_text()
+
+    # The reproduction report: our cells next to the paper's, from the same MLflow runs.
+    report = results / "tiny-pipeline" / "report"
+    text = (report / "report.md").read_text()
+    assert "## Claims" in text and "## Aggregates" in text and "## Figure 1" in text
+    assert (report / "figure1_cartpole_random.png").stat().st_size > 0
+    assert (report / "performance_profile.png").exists()
+    with open(report / "paper_reward.csv") as f:
+        rows = list(csv.DictReader(f))
+    persim_cell = next(r for r in rows if r["method"] == "PerSim" and r["agent"] == "0" and r["regime"] == "random")
+    assert float(persim_cell["ours"]) == pytest.approx(persim.data.metrics["reward_agent0"], rel=1e-3)
+    assert persim_cell["paper"].startswith("178.4") and persim_cell["paper table"] == "6/13"  # the paper's cell
+    assert {"report/report.md", "report/claims.csv"} <= {a.path for a in client.list_artifacts(
+        parents[0].info.run_id, "report")}
+    assert "probe_r2_length" in persim.data.metrics and "seconds_fit" in persim.data.metrics
     assert (tmp_path / "results" / "ray").is_dir()  # Tune's storage under results/
     assert (results / "mlartifacts" / "persim-bench-tiny-pipeline").is_dir()  # artifacts too, not ./mlruns
 

@@ -70,6 +70,7 @@ class TrialContext:
     device: str = "cpu"             # "cuda" when the grid reserves a GPU for this algorithm and one is there
     report: Callable[[dict], None] = lambda metrics: None
     costs: dict = field(default_factory=dict)  # seconds per phase and model rows, filled by the shared helpers
+    artifacts: list = field(default_factory=list)  # files under work_dir the trial's MLflow run should keep
 
 
 # A cost function for ``--dry-run``: (grid, trial, dataset rows, multiply-adds/s) -> CPU-seconds of the trial.

@@ -256,7 +256,24 @@ def run_persim(trial: Trial, ctx: TrialContext) -> dict:
     spec = ctx.grid.persim.model_copy(update={"rank": trial.rank})
     model, fit_metrics = fit_persim(data, spec, trial.seed, device=ctx.device,
                                     on_epoch=lambda epoch, m: ctx.report({"stage": "fit", "epoch": epoch + 1, **m}))
-    return {**fit_metrics, **evaluate_model(model, trial, ctx)}
+    return {**fit_metrics, **factor_analysis(model, data, trial, ctx), **evaluate_model(model, trial, ctx)}
+
+
+def factor_analysis(model: PerSimEnsemble, data: Transitions, trial: Trial, ctx: TrialContext) -> dict:
+    """The paper's Figure 1 claim as a number and a picture: do the learned agent factors carry the hidden covariates?
+
+    ``probe_r2_<covariate>``: cross-validated R^2 of a linear probe from every agent's factors
+    (all members) to that covariate; ``agent_factors.png``: their t-SNE coloured by each covariate.
+    """
+    from persim_bench.analysis.factors import probe_r2, tsne_figure
+
+    names = get_env(trial.env).covariate_names
+    factors = model.agent_factors()
+    r2 = probe_r2(factors, data.covariates, seed=trial.seed)
+    figure = tsne_figure(factors, data.covariates, names, ctx.work_dir / "agent_factors.png", seed=trial.seed,
+                         title=f"PerSim agent factors, {trial.env} / {trial.regime} (rank {trial.rank}, seed {trial.seed})")
+    ctx.artifacts.append(figure)
+    return {f"probe_r2_{name}": float(value) for name, value in zip(names, r2)}
 
 
 def cross_validate_rank(trial: Trial, ctx: TrialContext) -> dict:

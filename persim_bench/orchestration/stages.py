@@ -103,6 +103,7 @@ def run_grid(grid: Grid, results: Path, *, source: str, address: str = "local", 
     """datasets -> rank_cv -> main (Tune) -> tables, under one MLflow parent run (continued by ``resume``)."""
     from mlflow.tracking import MlflowClient
 
+    from persim_bench.orchestration.report import write_report
     from persim_bench.orchestration.tables import write_tables
 
     state = tracking.resume_state(results, grid, mlflow_uri, storage) if resume else None
@@ -135,6 +136,7 @@ def run_grid(grid: Grid, results: Path, *, source: str, address: str = "local", 
     trials = main_trials(grid, chosen)
     failed += run_stage(grid, trials, context, storage, stage_name(grid, "main", parent_run_id))
 
-    client.set_terminated(parent_run_id, "FAILED" if failed else "FINISHED")
     out = write_tables(grid, tracking_uri, results, data_root)
+    write_report(grid, tracking_uri, results, data_root)
+    client.set_terminated(parent_run_id, "FAILED" if failed else "FINISHED")
     return GridOutcome(len(cv_trials) + len(trials), failed, out, tracking_uri)

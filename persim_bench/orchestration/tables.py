@@ -161,10 +161,10 @@ def failed_trials(runs: list) -> list[str]:
                   for r in runs if r.info.status == "FAILED")
 
 
-def dataset_table(grid: Grid, data_root: Path) -> dict:
-    """Paper Table 8: per env and regime, the five test agents' observed return and the average
-    return and trajectory length over all agents, read from the datasets themselves."""
-    rows = []
+def dataset_summaries(grid: Grid, data_root: Path) -> dict[tuple[str, str], dict]:
+    """Per env and regime present: the five test agents' observed returns and the mean return and trajectory
+    length over all agents, read from the datasets themselves (what the paper's Table 8 reports)."""
+    summaries = {}
     for env in grid.envs:
         for regime in grid.regimes:
             try:
@@ -173,8 +173,15 @@ def dataset_table(grid: Grid, data_root: Path) -> dict:
                 continue
             returns = np.bincount(data.agent, weights=data.reward, minlength=data.n_agents)
             lengths = np.bincount(data.agent, minlength=data.n_agents)
-            rows.append([env, regime, *(f"{r:.4g}" for r in returns[:5]), f"{returns.mean():.4g}",
-                         f"{lengths.mean():.1f}"])
+            summaries[env, regime] = {"test_returns": returns[:5].tolist(), "mean_return": float(returns.mean()),
+                                      "mean_length": float(lengths.mean())}
+    return summaries
+
+
+def dataset_table(grid: Grid, data_root: Path) -> dict:
+    """Paper Table 8 from ``dataset_summaries``."""
+    rows = [[env, regime, *(f"{r:.4g}" for r in s["test_returns"]), f"{s['mean_return']:.4g}",
+             f"{s['mean_length']:.1f}"] for (env, regime), s in dataset_summaries(grid, data_root).items()]
     return {"title": f"Offline data (Table 8): observed return of test agents 0-4, mean return and mean "
                      f"trajectory length over all {grid.data.n_agents} agents",
             "columns": ["env", "regime", "agent 0", "agent 1", "agent 2", "agent 3", "agent 4", "mean return",

@@ -173,5 +173,7 @@ def run_trial(config: dict, context: RunContext) -> None:
     for key, value in metrics.items():
         if isinstance(value, str):
             client.set_tag(run_id, key, value)
+    for path in ctx.artifacts:
+        client.log_artifact(run_id, str(path))
     client.set_terminated(run_id, "FINISHED")
     tune.report({**numbers, "stage": "done", "mlflow_run_id": run_id})

@@ -1,0 +1,123 @@
+"""``persim-bench report``: the reproduction report of a grid from its MLflow runs (``analysis.report`` builds it).
+
+Collects every finished main trial (with its per-episode returns), the datasets' Table-8
+summaries, a random policy's return per test agent (the 0 of the normalised scores), PerSim's
+agent-factor figures and probe R^2 (the paper's Figure 1), and writes ``results/<grid>/report.md``
+with CSV/LaTeX per table and a performance-profile figure, also logged on the newest parent run.
+"""
+from __future__ import annotations
+
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from persim_bench.algos.base import Trial, TrialContext
+from persim_bench.config import Grid
+from persim_bench.data.behaviour import RandomPolicy
+from persim_bench.envs import get_env
+from persim_bench.evaluate import score_policy
+from persim_bench.orchestration.tables import dataset_summaries, method_label, to_markdown, write_table
+from persim_bench.orchestration.tracking import grid_experiment, latest_trial_runs, newest_parent_run
+
+RANDOM_EPISODES = 20  # per test agent, for the random policy's reference return
+
+
+def trial_records(client, runs: list) -> list[dict]:
+    """Finished main trials as plain records, each agent's per-episode returns read from the metric history."""
+    records = []
+    for run in runs:
+        tags = run.data.tags
+        if run.info.status != "FINISHED" or tags.get("stage") != "main" or run.data.params.get("rank_source") == "sweep":
+            continue
+        metrics = dict(run.data.metrics)
+        for key in [k for k in metrics if k.startswith("episode_returns_agent")]:
+            history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
+            metrics[key] = [m.value for m in history]
+        records.append({"algo": tags["algo"], "env": tags["env"], "regime": tags["regime"], "seed": int(tags["seed"]),
+                        "metrics": metrics, "run_id": run.info.run_id})
+    return records
+
+
+def random_scores(grid: Grid) -> dict[tuple[str, int], float]:
+    """Mean return of uniformly random actions per (env, test agent), through the shared evaluation."""
+    scores = {}
+    for env in grid.envs:
+        family = get_env(env)
+        trial = Trial(stage="report", algo="random", env=env, regime="none", seed=grid.seed)
+        ctx = TrialContext(grid, Path(), Path(), Path())
+        policy = RandomPolicy(family)
+        rng = np.random.default_rng(grid.seed)
+        metrics = score_policy(lambda obs, agent: policy.act(obs, rng), trial, ctx, RANDOM_EPISODES)
+        scores.update({(env, a): metrics[f"reward_agent{a}"] for a in grid.evaluation.test_agents})
+    return scores
+
+
+def factor_table(records: list[dict]) -> dict:
+    """The paper's Figure 1 as numbers: cross-validated R^2 of a linear probe from PerSim's agent factors."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for record in records:
+        if record["algo"] == "persim":
+            groups[record["env"], record["regime"]].append(record["metrics"])
+    rows = []
+    for (env, regime), metrics in sorted(groups.items()):
+        names = get_env(env).covariate_names
+        cells = []
+        for name in names:
+            values = [m[f"probe_r2_{name}"] for m in metrics if f"probe_r2_{name}" in m]
+            cells.append(f"{name}: {np.mean(values):.3f}" + (f" +- {np.std(values):.2g}" if len(values) > 1 else "")
+                         if values else f"{name}: -")
+        rows.append([env, regime, str(len(metrics)), "; ".join(cells)])
+    return {"title": "Figure 1 as a number: cross-validated R^2 of a linear probe from PerSim's agent factors to "
+                     "each hidden covariate (mean +- std over seeds; 1 = the factors carry it linearly)",
+            "columns": ["env", "regime", "seeds", "probe R^2"], "rows": rows}
+
+
+def copy_factor_figures(client, records: list[dict], out: Path) -> list[Path]:
+    """Figure 1, one PNG per env x regime: the t-SNE of the lowest seed's PerSim trial, copied from MLflow."""
+    first: dict[tuple[str, str], dict] = {}
+    for record in sorted(records, key=lambda r: r["seed"]):
+        if record["algo"] == "persim":
+            first.setdefault((record["env"], record["regime"]), record)
+    figures = []
+    for (env, regime), record in sorted(first.items()):
+        names = [a.path for a in client.list_artifacts(record["run_id"])]
+        if "agent_factors.png" not in names:
+            continue
+        local = client.download_artifacts(record["run_id"], "agent_factors.png", str(out))
+        target = out / f"figure1_{env}_{regime}.png"
+        shutil.move(local, target)
+        figures.append(target)
+    return figures
+
+
+def write_report(grid: Grid, tracking_uri: str, results: Path, data_root: Path) -> Path:
+    """Write results/<grid>/report.md (+ csv/tex, figures) and log it on the newest parent run; returns the file."""
+    from mlflow.tracking import MlflowClient
+
+    from persim_bench.analysis.report import build_report
+    from persim_bench.analysis.stats import performance_profile_figure
+
+    client = MlflowClient(tracking_uri)
+    experiment = grid_experiment(client, grid, tracking_uri)
+    records = trial_records(client, latest_trial_runs(client, experiment.experiment_id))
+    out = results / grid.name / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    report = build_report(records, dataset_summaries(grid, data_root), random_scores=random_scores(grid),
+                          seed=grid.seed)
+    for name, table in report.tables.items():
+        write_table(table, out, name)
+    factors = factor_table(records)
+    write_table(factors, out, "figure1_probe")
+    parts = [report.markdown, "## Figure 1: agent factors\n", to_markdown(factors)]
+    parts += [f"![{path.stem}]({path.name})\n" for path in copy_factor_figures(client, records, out)]
+    if report.normalised_scores:
+        labelled = {method_label(key): scores for key, scores in report.normalised_scores.items()}
+        performance_profile_figure(labelled, out / "performance_profile.png")
+        parts.append("## Performance profile\n\n![performance profile](performance_profile.png)\n")
+    (out / "report.md").write_text("\n".join(parts))
+    parent = newest_parent_run(client, experiment.experiment_id)
+    if parent is not None:
+        client.log_artifacts(parent.info.run_id, str(out), artifact_path="report")
+    return out / "report.md"
