@@ -27,3 +27,10 @@ def write_grid(tmp_path):
         return path
 
     return write
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that start Ray (the ``ray_cluster`` fixture) are integration tests; others mark themselves."""
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)

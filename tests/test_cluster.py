@@ -19,6 +19,8 @@ from persim_bench import cli
 from persim_bench.orchestration import tracking
 from persim_bench.config import load_grid
 
+pytestmark = pytest.mark.integration  # real multi-node Ray clusters
+
 GRID = {
     "name": "cluster",
     "envs": ["cartpole"],

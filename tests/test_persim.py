@@ -84,6 +84,7 @@ def _open_loop_rmse(model: PerSimEnsemble, agent: int, starts, actions, states) 
     return float(np.mean([np.sqrt(step[keep].mean()) for step, keep in zip(squared, off_walls) if keep.any()]))
 
 
+@pytest.mark.integration
 def test_agent_factor_personalises_mountaincar_under_an_unseen_policy(mountaincar):
     """Lowest (0.0001) and highest (0.0035) gravity test agents, the two furthest from the average car."""
     spec = PersimSpec(ensemble=2, epochs=30, lr=3e-3, rank=3, state_hidden=[256])

@@ -67,6 +67,7 @@ def contract_env(algo: Algorithm) -> str:
     return "cartpole" if algo.supports(discrete=True) else "halfcheetah"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
 def test_every_algorithm_fits_and_scores_every_test_agent_and_repeats_itself(name, tmp_path):
     algo = ALGORITHMS[name]

@@ -27,6 +27,7 @@ import numpy as np
 
 from persim_bench.analysis.paper import (ENVS, N_TEST_AGENTS, REGIMES, Key, PaperValue, canonical,
                                          load_paper_values, tables_of)
+from persim_bench.analysis.tabular import to_markdown
 from persim_bench.analysis.stats import DEFAULT_BOOT, aggregate_metrics, bootstrap_ci, normalise
 
 # Tolerances of the cell verdicts. Each compares against every value that prints as the paper's
@@ -401,16 +402,6 @@ def build_tables(records: Iterable[Mapping], dataset_summaries: Mapping | None =
     tables["agreement"] = {"title": "Cells agreeing with the paper, per quantity",
                            "columns": ["quantity", "cells", "agree", "share"], "rows": summary_rows(tables)}
     return tables, scores, tasks
-
-
-def to_markdown(table: dict) -> str:
-    """Same layout as persim_bench.tables.to_markdown (not imported: that module pulls in config and MLflow)."""
-    if not table["rows"]:
-        return f"**{table['title']}**\n\n(nothing to compare)\n"
-    lines = [f"**{table['title']}**", "", "| " + " | ".join(table["columns"]) + " |",
-             "|" + "---|" * len(table["columns"])]
-    lines += ["| " + " | ".join(row) + " |" for row in table["rows"]]
-    return "\n".join(lines) + "\n"
 
 
 SECTIONS = [("Agreement", "agreement"), ("Claims", "claims"), ("Aggregates", "aggregates"),

@@ -18,7 +18,8 @@ from persim_bench.config import Grid
 from persim_bench.data.behaviour import RandomPolicy
 from persim_bench.envs import get_env
 from persim_bench.evaluate import score_policy
-from persim_bench.orchestration.tables import dataset_summaries, method_label, to_markdown, write_table
+from persim_bench.analysis.tabular import to_markdown, write_table
+from persim_bench.orchestration.tables import dataset_summaries, method_label
 from persim_bench.orchestration.tracking import grid_experiment, latest_trial_runs, newest_parent_run
 
 RANDOM_EPISODES = 20  # per test agent, for the random policy's reference return

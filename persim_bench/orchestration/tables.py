@@ -6,7 +6,6 @@ narrowed or repeated invocations add up), and writes Markdown, CSV and LaTeX to
 """
 from __future__ import annotations
 
-import csv
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from persim_bench.algos.base import Trial
+from persim_bench.analysis.tabular import to_markdown, write_table
 from persim_bench.algos.registry import ALGORITHMS
 from persim_bench.config import Grid
 from persim_bench.data.dataset import DatasetError, read_dataset
@@ -46,8 +46,7 @@ def _row_order(key: tuple[str, str], methods: list[str]) -> tuple:
     """Regimes in the paper's order, then methods in the grid's order, PerSim's rank sweep after PerSim."""
     regime, method = key
     algo, _, rank = method.partition("@r")
-    return (REGIMES.index(regime) if regime in REGIMES else len(REGIMES),
-            methods.index(algo) if algo in methods else len(methods), int(rank or 0))
+    return REGIMES.index(regime) if regime in REGIMES else len(REGIMES), _order(algo, methods), int(rank or 0)
 
 
 def build_tables(runs: list, grid: Grid) -> dict[str, dict]:
@@ -89,24 +88,6 @@ def _mean(metrics: list[dict], key: str) -> float:
 def _mean_std(metrics: list[dict], key: str) -> str:
     values = [m[key] for m in metrics]
     return f"{np.mean(values):.4g} +- {np.std(values):.3g}" if len(values) > 1 else f"{values[0]:.4g}"
-
-
-def to_markdown(table: dict) -> str:
-    if not table["rows"]:
-        return f"**{table['title']}**\n\n(no finished trials)\n"
-    lines = [f"**{table['title']}**", "", "| " + " | ".join(table["columns"]) + " |",
-             "|" + "---|" * len(table["columns"])]
-    lines += ["| " + " | ".join(row) + " |" for row in table["rows"]]
-    return "\n".join(lines) + "\n"
-
-
-def to_latex(table: dict) -> str:
-    escape = lambda text: text.replace("_", r"\_").replace("+-", r"$\pm$").replace("^2", r"$^2$")
-    lines = [r"\begin{tabular}{ll" + "c" * (len(table["columns"]) - 2) + "}", r"\toprule",
-             " & ".join(map(escape, table["columns"])) + r" \\", r"\midrule"]
-    lines += [" & ".join(map(escape, row)) + r" \\" for row in table["rows"]]
-    lines += [r"\bottomrule", r"\end{tabular}"]
-    return f"% {escape(table['title'])}\n" + "\n".join(lines) + "\n"
 
 
 def cost_table(runs: list, grid: Grid, data_root: Path, rate: float | None = None) -> dict:
@@ -220,14 +201,6 @@ def reward_figure(table: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def write_table(table: dict, out: Path, name: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.md").write_text(to_markdown(table))
-    (out / f"{name}.tex").write_text(to_latex(table))
-    with open(out / f"{name}.csv", "w", newline="") as f:
-        csv.writer(f).writerows([table["columns"], *table["rows"]])
 
 
 def write_policy_table(headers: dict, out: Path) -> None:
