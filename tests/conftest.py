@@ -18,6 +18,17 @@ def ray_cluster():
 
 
 @pytest.fixture
+def one_torch_thread():
+    """Small nets on a shared 2-core box: a second intra-op thread mostly waits, and under load it is far slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def write_grid(tmp_path):
     """Write a grid dict to a YAML file and return its path."""
 

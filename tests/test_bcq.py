@@ -26,13 +26,7 @@ def fit_bcq(data, spec, seed, work_dir, agents=None, on_epoch=None):
                         on_epoch, before_acting=act_with_more_samples)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Small nets on a shared 2-core box: a second intra-op thread mostly waits, and under load it is far slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _recorded(env: str, n_agents: int, steps: int, seed: int = 0, regime: str = "random") -> Transitions:

@@ -36,12 +36,7 @@ FAST_DISCRETE_CQL = CQLSpec(steps=400, steps_per_epoch=200, bc_warmup_steps=0, d
                             discrete_lr=1e-3, discrete_batch_size=64, discrete_target_update_interval=100)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _recorded(env: str, n_agents: int, steps: int, seed: int = 0, regime: str = "random"):

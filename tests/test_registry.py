@@ -24,13 +24,7 @@ from persim_bench.orchestration.tables import method_label
 TEST_AGENTS = [0, 3]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny nets on a shared 2-core box: a second intra-op thread mostly waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_grid(algo: str, env: str) -> Grid:

@@ -14,6 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
+from persim_bench.analysis.tabular import save_figure
+
 MAX_PERPLEXITY = 30.0
 EXACT_TSNE_MAX = 1000
 
@@ -76,12 +78,7 @@ def tsne_figure(factors, covariates, covariate_names: Sequence[str], path: str |
         fig.colorbar(points, ax=ax, label=name)
         ax.set(title=f"coloured by {name}", xticks=[], yticks=[])
     fig.suptitle(title, fontsize="medium")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def probe_r2(factors, covariates, folds: int = 5, seed: int = 0) -> np.ndarray:

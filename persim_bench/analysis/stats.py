@@ -18,6 +18,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from persim_bench.analysis.tabular import save_figure
+
 DEFAULT_BOOT = 2000
 LEVEL = 0.95
 
@@ -174,9 +176,4 @@ def performance_profile_figure(score_dict: Mapping[str, np.ndarray], path: str |
                                          labelsize="medium", ticklabelsize="medium")
     ax.legend(fontsize="small", loc="upper right")
     ax.set_title(title, fontsize="medium")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

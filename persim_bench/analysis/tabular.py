@@ -1,4 +1,4 @@
-"""Tables as plain data ({"title", "columns", "rows"} of strings) and their Markdown, LaTeX and CSV files.
+"""Tables as plain data ({"title", "columns", "rows"} of strings), their Markdown, LaTeX and CSV files, and PNG figures.
 
 Shared by the MLflow tables (``orchestration/tables.py``) and the reproduction report (``analysis/report.py``).
 """
@@ -32,3 +32,15 @@ def write_table(table: dict, out: Path, name: str) -> None:
     (out / f"{name}.tex").write_text(to_latex(table))
     with open(out / f"{name}.csv", "w", newline="") as f:
         csv.writer(f).writerows([table["columns"], *table["rows"]])
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Write a matplotlib figure as a PNG (creating its folder) and free it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

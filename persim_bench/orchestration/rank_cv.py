@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+from persim_bench.analysis.tabular import save_figure
 from persim_bench.config import Grid
 from persim_bench.specs import REGIMES
 
@@ -60,9 +61,7 @@ def rank_cv_figure(table: dict, path: Path) -> None:
             ax.plot(*zip(*points), marker="o", label=f"{row[1]} s{row[2]}")
         ax.set(title=env, xlabel="rank", ylabel="held-out loss", yscale="log")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def choose_ranks(grid: Grid, tracking_uri: str, experiment_id: str, parent_run_id: str) -> dict[tuple[str, str, int], int]:

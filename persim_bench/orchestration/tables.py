@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from persim_bench.algos.base import Trial
-from persim_bench.analysis.tabular import to_markdown, write_table
+from persim_bench.analysis.tabular import save_figure, to_markdown, write_table
 from persim_bench.algos.registry import ALGORITHMS
 from persim_bench.config import Grid
 from persim_bench.data.dataset import DatasetError, read_dataset
@@ -198,9 +198,7 @@ def reward_figure(table: dict, path: Path) -> None:
     ax.set_ylabel("reward")
     ax.set_title(table["title"], fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_policy_table(headers: dict, out: Path) -> None:
