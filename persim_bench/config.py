@@ -23,7 +23,7 @@ ALGOS = tuple(ALGORITHMS)
 # The grids shipped with the package (a symlink to the repo's tune_configs/ in a checkout).
 CONFIG_DIR = Path(__file__).parent / "tune_configs"
 
-STAGE_KEYS = (*ALGOS, "rank_cv")  # what `resources:` may name
+STAGE_KEYS = (*ALGOS, "rank_cv", "policies")  # what `resources:` may name
 
 
 class GridBase(Strict):
@@ -45,6 +45,16 @@ class GridBase(Strict):
     # Times Tune restarts a trial whose worker or node died; errors of the trial's own code are
     # recorded once and not retried (they would fail again).
     max_failures: Annotated[int, Field(ge=0)] = 2
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_algos(cls, values):
+        """Without an ``algos`` list: every registered algorithm that handles one of the grid's envs."""
+        if isinstance(values, dict) and "algos" not in values and isinstance(values.get("envs"), list):
+            envs = [get_env(env) for env in values["envs"] if env in ENVS]
+            values = {**values, "algos": [name for name, algo in ALGORITHMS.items()
+                                          if any(algo.supports(env.discrete) for env in envs)]}
+        return values
 
     @field_validator("resources")
     @classmethod

@@ -1,13 +1,19 @@
-"""Trained policies: file format, nearest-agent assignment, the cached Ray stage and the pure* regimes."""
+"""Trained policies: file format, nearest-agent assignment, the cached Ray stage (checkpoints chosen by a
+target return), the pure* regimes, and an acyclic import graph of the data package."""
+import ast
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from persim_bench.config import load_grid
+import persim_bench
+from persim_bench.config import GridError, load_grid
 from persim_bench.data.dataset import read_dataset
 from persim_bench.data.generate import generate_datasets
-from persim_bench.data.policies import (PolicyError, PolicyNet, load_policy, nearest_policy_agent, policy_jobs,
-                                        save_policy, train_policies)
+from persim_bench.data.policies import (PolicyError, load_policy, nearest_policy_agent, policy_jobs, save_policy,
+                                        train_policies)
+from persim_bench.data.policy_net import PolicyNet
 from persim_bench.envs import get_env
 
 PURE = {
@@ -17,8 +23,84 @@ PURE = {
     "regimes": ["pure", "pure-eps-40"],
     "algos": ["persim"],
     "data": {"n_agents": 12, "agents_per_shard": 12},
-    "policies": {"budget": 400, "test_budget": 300, "hidden": [16], "n_envs": 2},
+    "policies": {"budget": 400, "test_budget": 300, "hidden": [16], "n_envs": 2, "eval_every": 100,
+                 "target_return": {"cartpole": 30.0}},
 }
+
+
+def data_import_graph() -> dict[str, set[str]]:
+    """persim_bench.data's modules -> the data modules each imports, at top level or inside functions.
+
+    Imports under ``if TYPE_CHECKING:`` never run and are left out.
+    """
+    folder = Path(persim_bench.__file__).parent / "data"
+    modules = {path.stem for path in folder.glob("*.py")} - {"__init__"}
+
+    def targets(node: ast.AST) -> set[str]:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            return set().union(*map(targets, node.orelse))
+        found = set()
+        if isinstance(node, ast.Import):
+            found |= {alias.name.removeprefix("persim_bench.data.") for alias in node.names
+                      if alias.name.startswith("persim_bench.data.")}
+        elif isinstance(node, ast.ImportFrom):
+            package = "persim_bench.data" if node.level == 1 else "persim_bench" if node.level == 2 else ""
+            module = ".".join(filter(None, [package, node.module or ""])) if node.level else node.module or ""
+            if module == "persim_bench.data":              # from persim_bench.data import rl
+                found |= {alias.name for alias in node.names}
+            elif module.startswith("persim_bench.data."):
+                found.add(module.removeprefix("persim_bench.data.").split(".")[0])
+        for child in ast.iter_child_nodes(node):
+            found |= targets(child)
+        return found
+
+    return {name: (targets(ast.parse((folder / f"{name}.py").read_text())) & modules) - {name} for name in modules}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state, path = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = "done"
+        path.pop()
+        return None
+
+    return next((cycle for node in sorted(graph) if node not in state and (cycle := visit(node))), None)
+
+
+def test_data_package_import_graph_is_acyclic():
+    graph = data_import_graph()
+    assert {"rl", "policies", "policy_net", "behaviour"} <= set(graph)
+    assert "policies" in graph["behaviour"] and "rl" in graph["policies"]      # the graph is really read
+    assert graph["policy_net"] == set() and "policies" not in graph["rl"]
+    assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
+    assert find_cycle({**graph, "rl": graph["rl"] | {"policies"}}) == ["policies", "rl", "policies"]
+
+
+def test_target_return_enters_the_logging_policies_keys_only(write_grid):
+    def jobs(name, **policies):
+        grid = {**PURE, "policies": {**PURE["policies"], **policies}}
+        return {(j.role, j.index): j for j in policy_jobs(load_grid(write_grid(grid, f"{name}.yaml")))}
+
+    base, other, none = jobs("a"), jobs("b", target_return={"cartpole": 150.0}), jobs("c", target_return=None)
+    logging = [key for key in base if key[0] == "logging"]
+    assert len(logging) == 5 and all(base[k].target_return == 30.0 for k in logging)
+    assert base["test", 0].target_return is None          # test policies keep their best checkpoint
+    for k in logging:
+        assert len({base[k].key, other[k].key, none[k].key}) == 3
+    assert base["test", 0].key == other["test", 0].key == none["test", 0].key
+    assert jobs("d", eval_every=200)["test", 0].key != base["test", 0].key    # checkpoint settings count too
+    plain = jobs("e", eval_every=None, target_return=None)
+    assert plain["test", 0].eval_every is None and plain["test", 0].key != base["test", 0].key
+    with pytest.raises(GridError, match="target_return for cartpole needs eval_every"):
+        jobs("f", eval_every=None)
 
 
 def test_nearest_policy_agent_for_the_papers_test_agents():
@@ -61,6 +143,12 @@ def test_stage_trains_caches_and_retrains_on_a_changed_budget(ray_cluster, write
     root = tmp_path / "policies"
     headers = train_policies(grid, root, progress=False)
     assert sorted((j.role, j.index) for j in headers) == [("logging", i) for i in range(5)] + [("test", 0)]
+    for job, header in headers.items():      # every 100 env steps a checkpoint; the header lists them all
+        steps, returns = map(list, zip(*header["checkpoints"]))
+        assert steps == list(range(100, job.budget + 1, 100))
+        score = (lambda r: r) if job.role == "test" else (lambda r: -abs(r - 30.0))   # best / nearest the target
+        assert header["chosen_checkpoint"] == max(range(len(returns)), key=lambda k: (score(returns[k]), k))
+        assert header["target_return"] == (30.0 if job.role == "logging" else None)
     files = {p: p.stat().st_mtime_ns for p in root.rglob("*.pt")}
     assert len(files) == 6
     again = train_policies(grid, root, progress=False)

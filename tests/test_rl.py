@@ -1,4 +1,5 @@
-"""Online RL trainers: DQN learns CartPole, runs are reproducible, TD3 runs on HalfCheetah."""
+"""Online RL trainers: DQN learns CartPole, runs are reproducible, TD3 runs on HalfCheetah, checkpoints
+are chosen by their greedy return, and training runs on a given device."""
 from __future__ import annotations
 
 import gymnasium
@@ -6,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from persim_bench.data.policies import PolicyNet
-from persim_bench.data.rl import _reset_finished, _Replay, train_policy
+from persim_bench.data.policy_net import PolicyNet
+from persim_bench.data.rl import _reset_finished, _Replay, evaluate_policy, select_checkpoint, train_policy
 from persim_bench.envs import get_env
 
 HIDDEN = [256, 256]
@@ -85,12 +86,86 @@ def test_algorithm_env_mismatch(env, algorithm):
 
 def test_td3_runs_on_halfcheetah():
     net, info = train_policy("halfcheetah", (1.0, 1.0), "td3", budget=600, seed=0, hidden=[64, 64], n_envs=4,
-                             eval_episodes=2)
+                             eval_episodes=2, eval_every=200, target_return=0.0)
     actions = net.act(np.random.default_rng(0).normal(size=(7, 18)).astype(np.float32))
     assert actions.shape == (7, 6) and actions.dtype == np.float32
     assert np.all(np.abs(actions) <= 1.0)
     assert not net.training and not net.discrete
     assert info["env_steps"] == 600 and info["updates"] == 600 - 60   # updates start after 60 random steps
+    assert np.isfinite(info["achieved_return"])
+    # the TD3 actor is checkpointed and chosen like a DQN: nearest the target among 200, 400, 600 steps
+    returns = [r for _, r in info["checkpoints"]]
+    assert [s for s, _ in info["checkpoints"]] == [200, 400, 600]
+    assert info["chosen_checkpoint"] == int(np.argmin(np.abs(returns)))
+
+
+def test_select_checkpoint():
+    returns = [-500, -300, -120, -95, -120, -300]
+    assert select_checkpoint(returns, None) == 3                  # no target: the best
+    assert select_checkpoint(returns, -130) == 4                  # nearest; a tie goes to the later one
+    assert select_checkpoint(returns, -250) == 5
+    assert select_checkpoint(returns, 0) == 3 and select_checkpoint(returns, -1e9) == 0
+    assert select_checkpoint([7.0], 100.0) == 0
+    # early stopping: the first checkpoint reaching the target, else the best
+    assert select_checkpoint(returns, -130, "first") == 2 and select_checkpoint(returns, -300, "first") == 1
+    assert select_checkpoint(returns, -50, "first") == 3 and select_checkpoint(returns, None, "first") == 3
+    with pytest.raises(ValueError, match="unknown checkpoint rule 'last'"):
+        select_checkpoint(returns, -130, "last")
+
+
+def test_checkpoint_nearest_the_target_is_kept():
+    family, covariates = get_env("cartpole"), (0.5, 10.0)
+
+    def run(target, rule="nearest"):
+        return train_policy("cartpole", covariates, "dqn", budget=1200, seed=0, hidden=[32], n_envs=4, eval_episodes=4,
+                            eval_every=100, target_return=target, target_rule=rule)
+
+    best_net, best = run(None)
+    steps, returns = map(list, zip(*best["checkpoints"]))
+    assert steps == list(range(100, 1300, 100))       # every 100 env steps, the last one the final policy
+    assert best["chosen_checkpoint"] == max(range(len(returns)), key=lambda k: (returns[k], k))
+    # a target between two evaluated returns, nearer the lower one, which is not the best
+    levels = sorted(set(returns))
+    assert len(levels) >= 3, f"too few distinct checkpoint returns to test with: {returns}"
+    low, high = levels[-3], levels[-2]
+    target = low + 0.4 * (high - low)
+    net, info = run(target)
+    assert info["checkpoints"] == best["checkpoints"]   # the target only chooses: training is the same
+    chosen = info["chosen_checkpoint"]
+    assert returns[chosen] == low and chosen == max(k for k, r in enumerate(returns) if r == low)
+    # the net returned is that checkpoint: it scores the recorded return on the checkpoints' start states
+    rescored = evaluate_policy(family, covariates, net, 4, np.random.default_rng([0, 3])).mean()
+    assert rescored == pytest.approx(returns[chosen])
+    assert not all(torch.equal(a, b) for a, b in zip(net.parameters(), best_net.parameters()))
+
+    # early stopping: training ends at the first checkpoint reaching the target, which is kept
+    first = next(k for k, r in enumerate(returns) if r >= high)
+    early_net, early = run(high, "first")
+    assert early["checkpoints"] == best["checkpoints"][:first + 1]
+    assert early["chosen_checkpoint"] == first and early["env_steps"] == steps[first] < 1200
+    rescored = evaluate_policy(family, covariates, early_net, 4, np.random.default_rng([0, 3])).mean()
+    assert rescored == pytest.approx(returns[first])
+
+
+def test_explicit_cpu_device_is_the_default():
+    def run(device):
+        net, info = train_policy("cartpole", (0.5, 10.0), "dqn", budget=300, seed=1, hidden=[16], n_envs=4,
+                                 eval_episodes=2, **device)
+        return [p.detach() for p in net.parameters()], info
+
+    (default, _), (cpu, info) = run({}), run({"device": torch.device("cpu")})
+    assert all(torch.equal(a, b) for a, b in zip(default, cpu)) and info["device"] == "cpu"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("env, algorithm", [("cartpole", "dqn"), ("halfcheetah", "td3")])
+def test_trains_on_cuda(env, algorithm):
+    family = get_env(env)
+    net, info = train_policy(env, family.default_covariates, algorithm, budget=400, seed=0, hidden=[32], n_envs=4,
+                             eval_episodes=2, eval_every=200, device="cuda")
+    assert info["device"] == "cuda" and info["updates"] > 0 and len(info["checkpoints"]) == 2
+    assert all(p.device.type == "cpu" for p in net.parameters())     # handed back on the CPU
     assert np.isfinite(info["achieved_return"])
 
 

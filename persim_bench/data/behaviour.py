@@ -5,6 +5,7 @@ from typing import Protocol
 
 import numpy as np
 
+from persim_bench.data.policies import NearestAgentPolicy  # policies never imports behaviour
 from persim_bench.envs.base import EnvFamily
 
 
@@ -79,8 +80,6 @@ def regime_policy(family: EnvFamily, regime: str, covariates: np.ndarray, loggin
 
     ``logging_nets`` are the trained policies of the env's policy-training agents (pure* regimes).
     """
-    from persim_bench.data.policies import NearestAgentPolicy
-
     if regime == "random":
         return RandomPolicy(family)
     if regime in REGIME_EPSILON:

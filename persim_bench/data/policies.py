@@ -2,8 +2,10 @@
 
 A policy file holds a JSON-able header and a dict of tensors, written atomically with
 ``torch.save`` and read back with ``torch.load(weights_only=True)``: no pickled objects. The
-header says what made the policy (env, covariates, algorithm, budget, seed) and what it
-achieved; ``load_policy`` refuses a file whose header or tensors do not match what is asked.
+header says what made the policy (env, covariates, algorithm, budget, seed, checkpoint
+settings) and what it achieved: its return, and every checkpoint evaluated while training as
+[env steps, greedy return] with the index of the one kept (``chosen_checkpoint``).
+``load_policy`` refuses a file whose header or tensors do not match what is asked.
 """
 from __future__ import annotations
 
@@ -11,54 +13,47 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import ray
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 import persim_bench
-from persim_bench.config import MODEL_ALGOS, Grid, per_env
+from persim_bench.specs import per_env
 from persim_bench.data.dataset import atomic_write
+from persim_bench.data.policy_net import PolicyNet  # re-exported: its old home
+from persim_bench.data.rl import train_policy
 from persim_bench.envs import get_env
 from persim_bench.envs.base import EnvFamily
+from persim_bench.errors import BenchError
+
+if TYPE_CHECKING:
+    from persim_bench.config import Grid
 
 FORMAT = "persim-policy/1"
 
 
-class PolicyError(RuntimeError):
+class PolicyError(BenchError):
     """A policy file that is missing, corrupt or not the one asked for."""
 
 
-class PolicyNet(nn.Module):
-    """An MLP acting for a batch of agents: Q-values -> argmax (DQN) or tanh action (TD3 actor)."""
+def policy_key(env: str, role: str, covariates, algorithm: str, budget: int, seed: int, hidden: list[int],
+               eval_every: int | None = None, eval_episodes: int = 10, target_return: float | None = None,
+               target_rule: str = "nearest") -> str:
+    """Content hash of everything that determines a trained policy: its cache file name.
 
-    def __init__(self, obs_dim: int, out_dim: int, hidden: list[int], discrete: bool):
-        super().__init__()
-        sizes = [obs_dim, *hidden, out_dim]
-        layers: list[nn.Module] = []
-        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
-            layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
-        self.body = nn.Sequential(*layers[:-1])
-        self.discrete = discrete
-
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        out = self.body(obs)
-        return out if self.discrete else torch.tanh(out)
-
-    @torch.no_grad()
-    def act(self, obs: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
-        """Greedy actions for observations [N, D]: int64 [N] or float32 [N, A]. (``rng`` unused: deterministic.)"""
-        out = self(torch.tensor(obs, dtype=torch.float32))
-        return out.argmax(dim=1).numpy() if self.discrete else out.numpy().astype(np.float32)
-
-
-def policy_key(env: str, role: str, covariates, algorithm: str, budget: int, seed: int, hidden: list[int]) -> str:
-    """Content hash of everything that determines a trained policy: its cache file name."""
+    The checkpoint settings enter only when checkpoints are taken, so a policy trained without
+    them keeps the key it had before they existed.
+    """
     spec = {"env": env, "role": role, "covariates": [round(float(c), 10) for c in covariates],
             "algorithm": algorithm, "budget": int(budget), "seed": int(seed), "hidden": list(hidden),
             "version": persim_bench.__version__}
+    if eval_every is not None or target_return is not None:
+        spec["checkpoints"] = {"eval_every": eval_every, "eval_episodes": int(eval_episodes),
+                               "target_return": None if target_return is None else float(target_return),
+                               "target_rule": target_rule if target_return is not None else None}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -143,10 +138,15 @@ class PolicyJob:
     seed: int
     hidden: tuple[int, ...]
     n_envs: int
+    eval_every: int | None = None          # env steps between checkpoints (None: the final policy only)
+    eval_episodes: int = 10
+    target_return: float | None = None     # keep the checkpoint nearest it (None: the best); logging only
+    target_rule: str = "nearest"           # or "first": the first checkpoint reaching the target
 
     @property
     def key(self) -> str:
-        return policy_key(self.env, self.role, self.covariates, self.algorithm, self.budget, self.seed, list(self.hidden))
+        return policy_key(self.env, self.role, self.covariates, self.algorithm, self.budget, self.seed, list(self.hidden),
+                          self.eval_every, self.eval_episodes, self.target_return, self.target_rule)
 
     def path(self, root: Path) -> Path:
         return Path(root) / self.env / f"{self.role}-{self.index}-{self.key}.pt"
@@ -156,17 +156,19 @@ def policy_jobs(grid: Grid) -> list[PolicyJob]:
     """The logging policies the grid's pure* regimes need and the test policies its prediction test needs."""
     spec, jobs = grid.policies, []
     needs_logging = any(regime != "random" for regime in grid.regimes)
-    needs_test = grid.evaluation.prediction_policy == "trained" and any(a in MODEL_ALGOS for a in grid.algos)
+    needs_test = grid.evaluation.prediction_policy == "trained" and grid.tests_predictions()
     for env in grid.envs:
         family = get_env(env)
         algorithm = "dqn" if family.discrete else "td3"
         # Seeds differ per policy so no two policies share exploration noise.
-        common = dict(env=env, algorithm=algorithm, hidden=tuple(spec.hidden), n_envs=spec.n_envs)
+        common = dict(env=env, algorithm=algorithm, hidden=tuple(spec.hidden), n_envs=spec.n_envs,
+                      eval_every=spec.checkpoint_every(env), eval_episodes=spec.eval_episodes)
         if needs_logging:
             for i, covariates in enumerate(family.policy_agents):
                 jobs.append(PolicyJob(role="logging", index=i, covariates=tuple(covariates),
-                                      budget=per_env(spec.budget, env), seed=spec.seed + i, **common))
-        if needs_test:
+                                      budget=per_env(spec.budget, env), seed=spec.seed + i,
+                                      target_return=spec.target(env), target_rule=spec.target_rule, **common))
+        if needs_test:  # the test policy keeps its best checkpoint: no target
             jobs.append(PolicyJob(role="test", index=0, covariates=tuple(family.default_covariates),
                                   budget=per_env(spec.test_budget, env), seed=spec.seed + 100, **common))
     return jobs
@@ -174,11 +176,12 @@ def policy_jobs(grid: Grid) -> list[PolicyJob]:
 
 @ray.remote(num_cpus=1)
 def _train_task(job: PolicyJob, path: str) -> dict:
-    from persim_bench.data.rl import train_policy
-
     torch.set_num_threads(1)
+    # A task that Ray gave no GPU sees none (CUDA_VISIBLE_DEVICES is emptied): the CPU then.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     net, metrics = train_policy(job.env, job.covariates, job.algorithm, job.budget, job.seed, list(job.hidden),
-                                n_envs=job.n_envs)
+                                n_envs=job.n_envs, eval_episodes=job.eval_episodes, eval_every=job.eval_every,
+                                target_return=job.target_return, target_rule=job.target_rule, device=device)
     header = {**asdict(job), "covariates": list(job.covariates), "hidden": list(job.hidden), "key": job.key,
               "package_version": persim_bench.__version__, **metrics}
     save_policy(net, header, Path(path))
@@ -195,7 +198,9 @@ def train_policies(grid: Grid, root: Path, progress: bool = True) -> dict[Policy
         else:
             todo.append(job)
     if todo:
-        futures = {_train_task.remote(job, str(job.path(root))): job for job in todo}
+        wanted = grid.trial_resources("policies")  # a GPU reservation lets the trainers use it
+        task = _train_task.options(num_cpus=wanted.cpu, num_gpus=wanted.gpu)
+        futures = {task.remote(job, str(job.path(root))): job for job in todo}
         with tqdm(total=len(todo), desc="policies", unit="policy", disable=not progress) as bar:
             pending = list(futures)
             while pending:

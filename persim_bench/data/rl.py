@@ -3,18 +3,28 @@
 The paper trains its data policies online on single agents (Sec. 6.1, App. E.2). Both algorithms
 here share one collection loop: ``n_envs`` copies of the agent in one ``BatchSim``, episodes cut at
 the env's horizon, and a time-major replay buffer. Every random draw comes from ``seed``.
+
+Checkpoints: every ``eval_every`` env steps (and at the end) the greedy policy is scored on its own
+agent (``eval_episodes`` episodes stepped as one batch) and its weights are kept in memory; the
+policy returned is the checkpoint whose score is nearest ``target_return`` or, with
+``target_rule="first"``, the first to reach it (early stopping: the paper's logging policies are
+"trained to achieve" a return and are not optimal, Table 8); the best one without a target.
+
+Devices: networks, the replay buffer, its sampling and every update live on ``device`` (``"cuda"``
+when there is a GPU); the envs step on the CPU, observations go over and actions come back.
 """
 from __future__ import annotations
 
 import copy
 import time
 from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from persim_bench.data.policies import PolicyNet
+from persim_bench.data.policy_net import PolicyNet
 from persim_bench.envs import get_env
 from persim_bench.envs.base import BatchSim, EnvFamily
 
@@ -49,47 +59,57 @@ TD3_RANDOM_STEPS = 10_000      # uniform-random actions first (capped at a tenth
 
 
 class _Replay:
-    """Ring buffer laid out [time, env] so an n-step return can be read down one env's column."""
+    """Ring buffer laid out [time, env] so an n-step return can be read down one env's column.
 
-    def __init__(self, capacity: int, n_envs: int, obs_dim: int, action_shape: tuple, action_dtype):
+    The storage is torch tensors on ``device``: a sampled batch is gathered where the updates run,
+    and only the row indices (drawn from the numpy ``rng``, the same stream on every device) travel.
+    """
+
+    def __init__(self, capacity: int, n_envs: int, obs_dim: int, action_shape: tuple, action_dtype,
+                 device: str | torch.device = "cpu"):
         self.capacity, self.n_envs = max(capacity // n_envs, 2), n_envs
+        self.device = torch.device(device)
         shape = (self.capacity, n_envs)
-        self.obs = np.zeros((*shape, obs_dim), np.float32)
-        self.next_obs = np.zeros((*shape, obs_dim), np.float32)
-        self.action = np.zeros((*shape, *action_shape), action_dtype)
-        self.reward = np.zeros(shape, np.float32)
-        self.terminated = np.zeros(shape, bool)
-        self.ended = np.zeros(shape, bool)   # terminated or cut at the horizon: an n-step sum stops here
+
+        def zeros(*size, dtype=torch.float32):
+            return torch.zeros(size, dtype=dtype, device=self.device)
+
+        self.obs = zeros(*shape, obs_dim)
+        self.next_obs = zeros(*shape, obs_dim)
+        self.action = zeros(*shape, *action_shape, dtype=torch.from_numpy(np.zeros(0, action_dtype)).dtype)
+        self.reward = zeros(*shape)
+        self.terminated = zeros(*shape, dtype=torch.bool)
+        self.ended = zeros(*shape, dtype=torch.bool)   # terminated or cut at the horizon: an n-step sum stops here
         self.pos = self.size = 0
 
     def add(self, obs, action, reward, next_obs, terminated, ended) -> None:
         i = self.pos
-        self.obs[i], self.action[i], self.reward[i] = obs, action, reward
-        self.next_obs[i], self.terminated[i], self.ended[i] = next_obs, terminated, ended
+        for store, value in ((self.obs, obs), (self.action, action), (self.reward, reward),
+                             (self.next_obs, next_obs), (self.terminated, terminated), (self.ended, ended)):
+            store[i] = torch.as_tensor(np.asarray(value)).to(self.device, store.dtype)
         self.pos, self.size = (i + 1) % self.capacity, min(self.size + 1, self.capacity)
 
     def sample(self, rng: np.random.Generator, batch: int, n_step: int):
-        """(obs, action, n-step discounted reward, bootstrap obs, bootstrap discount) as torch tensors.
+        """(obs, action, n-step discounted reward, bootstrap obs, bootstrap discount), tensors on the device.
 
         Rows are drawn from those at least n_step - 1 steps old, so every window lies in written
         data; the discount is gamma^k (k steps summed) and 0 when the window ends in termination.
         """
         age = rng.integers(n_step - 1, self.size, size=batch)
-        t = (self.pos - 1 - age) % self.capacity
-        env = rng.integers(0, self.n_envs, size=batch)
-        ret = np.zeros(batch, np.float32)
-        discount = np.ones(batch, np.float32)
-        last = t.copy()
-        active = np.ones(batch, bool)
+        t = torch.from_numpy((self.pos - 1 - age) % self.capacity).to(self.device)
+        env = torch.from_numpy(rng.integers(0, self.n_envs, size=batch)).to(self.device)
+        ret = torch.zeros(batch, device=self.device)
+        discount = torch.ones(batch, device=self.device)
+        last = t.clone()
+        active = torch.ones(batch, dtype=torch.bool, device=self.device)
         for k in range(n_step):
             i = (t + k) % self.capacity
-            ret += np.where(active, discount * self.reward[i, env], 0.0).astype(np.float32)
-            discount = np.where(active, discount * GAMMA, discount)
-            last = np.where(active, i, last)
+            ret += torch.where(active, discount * self.reward[i, env], 0.0)
+            discount = torch.where(active, discount * GAMMA, discount)
+            last = torch.where(active, i, last)
             active &= ~self.ended[i, env]
-        discount *= ~self.terminated[last, env]
-        return tuple(map(torch.from_numpy, (self.obs[t, env], self.action[t, env], ret,
-                                            self.next_obs[last, env], discount.astype(np.float32))))
+        discount = discount * ~self.terminated[last, env]
+        return self.obs[t, env], self.action[t, env], ret, self.next_obs[last, env], discount
 
 
 def _reset_finished(sim: BatchSim, done: np.ndarray, obs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -119,9 +139,9 @@ class _DQN:
     n_step = DQN_N_STEP
     batch = DQN_BATCH
 
-    def __init__(self, family: EnvFamily, hidden: list[int], budget: int, n_envs: int):
+    def __init__(self, family: EnvFamily, hidden: list[int], budget: int, n_envs: int, device: torch.device):
         self.family = family
-        self.q = PolicyNet(family.obs_dim, family.n_actions, hidden, discrete=True)
+        self.q = PolicyNet(family.obs_dim, family.n_actions, hidden, discrete=True).to(device)
         self.target = copy.deepcopy(self.q)
         self.optimizer = torch.optim.Adam(self.q.parameters(), lr=DQN_LR)
         self.learning_starts = min(DQN_LEARNING_STARTS, budget // 10)
@@ -174,12 +194,13 @@ class _TD3:
     n_step = 1
     batch = TD3_BATCH
 
-    def __init__(self, family: EnvFamily, hidden: list[int], budget: int, n_envs: int):
+    def __init__(self, family: EnvFamily, hidden: list[int], budget: int, n_envs: int, device: torch.device):
         self.family = family
         obs_dim, action_dim = family.obs_dim, family.action_dim
-        self.actor = PolicyNet(obs_dim, action_dim, hidden, discrete=False)
+        self.actor = PolicyNet(obs_dim, action_dim, hidden, discrete=False).to(device)
         # A critic is a plain MLP on [obs, action]: PolicyNet with discrete=True has no output squashing.
-        self.critics = torch.nn.ModuleList(PolicyNet(obs_dim + action_dim, 1, hidden, discrete=True) for _ in range(2))
+        self.critics = torch.nn.ModuleList(PolicyNet(obs_dim + action_dim, 1, hidden, discrete=True)
+                                           for _ in range(2)).to(device)
         self.actor_target, self.critics_target = copy.deepcopy(self.actor), copy.deepcopy(self.critics)
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=TD3_LR)
         self.critic_optimizer = torch.optim.Adam(self.critics.parameters(), lr=TD3_LR)
@@ -199,7 +220,8 @@ class _TD3:
     def update(self, replay: _Replay, rng: np.random.Generator, gen: torch.Generator) -> float:
         obs, action, reward, next_obs, discount = replay.sample(rng, self.batch, 1)
         with torch.no_grad():
-            noise = (torch.randn(action.shape, generator=gen) * TD3_POLICY_NOISE).clamp(-TD3_NOISE_CLIP, TD3_NOISE_CLIP)
+            noise = torch.randn(action.shape, generator=gen, device=action.device)
+            noise = (noise * TD3_POLICY_NOISE).clamp(-TD3_NOISE_CLIP, TD3_NOISE_CLIP)
             next_action = (self.actor_target(next_obs) + noise).clamp(-1.0, 1.0)
             target = reward + discount * torch.minimum(*self._q(self.critics_target, next_obs, next_action))
         q1, q2 = self._q(self.critics, obs, action)
@@ -242,12 +264,54 @@ def evaluate_policy(family: EnvFamily, covariates, net: PolicyNet, episodes: int
     return total
 
 
+@dataclass
+class Checkpoint:
+    """The greedy policy at one point of training: when, its score on its own agent, its weights (CPU)."""
+
+    steps: int
+    greedy_return: float
+    state: dict[str, torch.Tensor]
+
+
+TARGET_RULES = ("nearest", "first")
+
+
+def select_checkpoint(returns, target: float | None, rule: str = "nearest") -> int:
+    """Index of the checkpoint to keep, from the greedy returns of the checkpoints in training order.
+
+    No target: the best. ``rule="nearest"``: the return nearest ``target``; ties go to the later
+    checkpoint (more training behind the same score). ``rule="first"``: early stopping, the first
+    checkpoint whose return reaches ``target`` (>=), the best one if none does.
+    """
+    if rule not in TARGET_RULES:
+        raise ValueError(f"unknown checkpoint rule {rule!r}; known: {', '.join(TARGET_RULES)}")
+    returns = np.asarray(returns, dtype=np.float64)
+    if target is not None and rule == "first" and (returns >= target).any():
+        return int(np.argmax(returns >= target))
+    score = returns if target is None or rule == "first" else -np.abs(returns - target)
+    return int(len(score) - 1 - np.argmax(score[::-1]))
+
+
 def train_policy(env: str, covariates, algorithm: str, budget: int, seed: int, hidden: list[int],
-                 n_envs: int = 8, eval_episodes: int = 10, on_progress=None) -> tuple[PolicyNet, dict]:
+                 n_envs: int = 8, eval_episodes: int = 10, on_progress=None, eval_every: int | None = None,
+                 target_return: float | None = None, target_rule: str = "nearest",
+                 device: str | torch.device = "cpu") -> tuple[PolicyNet, dict]:
     """Train a policy online on one agent for ``budget`` env steps (summed over ``n_envs`` copies).
 
-    Returns the greedy network in eval mode and a summary: its mean/std return over
-    ``eval_episodes`` fresh episodes, wall time, env steps taken and gradient updates.
+    Every ``eval_every`` env steps (rounded down to whole steps of the ``n_envs`` copies) and at
+    the end, the greedy policy is scored over
+    ``eval_episodes`` episodes of its own agent (one batch, the same start states every time) and
+    kept as a checkpoint; ``eval_every=None`` keeps the final policy only. The checkpoint returned
+    is the one nearest ``target_return`` (``target_rule="first"``: the first to reach it), or the
+    best one when it is None (``select_checkpoint``).
+
+    With ``target_rule="first"`` training stops at the first checkpoint reaching the target (the
+    later ones could not be chosen), so ``env_steps`` may be less than the budget.
+
+    Returns that greedy network, on the CPU in eval mode, and a summary: its mean/std return over
+    ``eval_episodes`` fresh episodes, wall time, env steps taken, gradient updates, the
+    ``checkpoints`` evaluated as [env steps, greedy return] and the index of the ``chosen_checkpoint``.
+    Networks, replay and updates run on ``device``; the envs on the CPU.
     ``on_progress(steps_done, metrics)`` is called about every 5% of the budget.
     """
     family = get_env(env)
@@ -261,27 +325,43 @@ def train_policy(env: str, covariates, algorithm: str, budget: int, seed: int, h
         raise ValueError(f"{env} takes covariates {family.covariate_names}, got {covariates}")
     if budget < n_envs:
         raise ValueError(f"budget ({budget}) must be at least n_envs ({n_envs})")
+    if target_rule not in TARGET_RULES:
+        raise ValueError(f"unknown target_rule {target_rule!r}; known: {', '.join(TARGET_RULES)}")
+    if eval_every is not None and eval_every < 1:
+        raise ValueError(f"eval_every must be a positive number of env steps or None, got {eval_every}")
+    device = torch.device(device)
 
     start = time.perf_counter()
     rng = np.random.default_rng(seed)
     # Evaluations draw from streams of their own, so progress reports change neither training nor result.
     progress_rng = np.random.default_rng([seed, 1])
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     with torch.random.fork_rng(devices=[]):     # seeds weight init without touching the caller's torch RNG
         torch.manual_seed(seed)
-        learner = ALGORITHMS[algorithm](family, hidden, budget, n_envs)
+        learner = ALGORITHMS[algorithm](family, hidden, budget, n_envs, device)
 
     discrete = family.discrete
-    replay = _Replay(BUFFER_SIZE, n_envs, family.obs_dim, () if discrete else (family.action_dim,),
-                     np.int64 if discrete else np.float32)
+    iterations = budget // n_envs      # the budget is rounded down to whole vectorised steps
+    # Never more rows than the budget writes: the ring never wraps, so the capacity changes no sample.
+    replay = _Replay(min(BUFFER_SIZE, iterations * n_envs), n_envs, family.obs_dim,
+                     () if discrete else (family.action_dim,), np.int64 if discrete else np.float32, device)
     sim = family.batch(np.repeat(np.asarray([covariates]), n_envs, axis=0))
     obs = sim.reset(rng)
     episode_return, episode_length = np.zeros(n_envs), np.zeros(n_envs, int)
     recent = deque(maxlen=max(10, n_envs))    # returns of the latest finished episodes, for progress only
     episodes = 0
-    iterations = budget // n_envs      # the budget is rounded down to whole vectorised steps
     report_every = max(iterations // 20, 1)
+    checkpoint_every = max(eval_every // n_envs, 1) if eval_every is not None else None
+    checkpoints: list[Checkpoint] = []
+    stop_early = target_rule == "first" and target_return is not None
     update_credit, loss = 0.0, float("nan")
+
+    def checkpoint(steps_done: int) -> None:
+        """Score the greedy policy on fresh copies of the agent (same start states each time) and keep it."""
+        net = learner.policy()
+        greedy = evaluate_policy(family, covariates, net, eval_episodes, np.random.default_rng([seed, 3]))
+        state = {name: tensor.detach().to("cpu", copy=True) for name, tensor in net.state_dict().items()}
+        checkpoints.append(Checkpoint(steps_done, float(greedy.mean()), state))
 
     for iteration in range(1, iterations + 1):
         steps = (iteration - 1) * n_envs
@@ -304,7 +384,12 @@ def train_policy(env: str, covariates, algorithm: str, budget: int, seed: int, h
                 loss = learner.update(replay, rng, gen)
                 update_credit -= 1.0
 
-        if on_progress is not None and (iteration % report_every == 0 or iteration == iterations):
+        reached = False
+        if (checkpoint_every is not None and iteration % checkpoint_every == 0) or iteration == iterations:
+            checkpoint(iteration * n_envs)
+            reached = stop_early and checkpoints[-1].greedy_return >= target_return
+
+        if on_progress is not None and (iteration % report_every == 0 or iteration == iterations or reached):
             # Training returns include exploration (ez-greedy's long random runs topple CartPole),
             # so the greedy policy is scored too.
             greedy = evaluate_policy(family, covariates, learner.policy(), eval_episodes, progress_rng)
@@ -314,10 +399,16 @@ def train_policy(env: str, covariates, algorithm: str, budget: int, seed: int, h
             if algorithm == "dqn":
                 metrics["epsilon"] = learner.epsilon(steps)
             on_progress(iteration * n_envs, metrics)
+        if reached:     # early stopping: the first checkpoint to reach the target is the one kept
+            break
 
-    net = learner.policy().eval()
+    chosen = select_checkpoint([c.greedy_return for c in checkpoints], target_return, target_rule)
+    net = copy.deepcopy(learner.policy()).cpu().eval()
+    net.load_state_dict(checkpoints[chosen].state)
     train_seconds = time.perf_counter() - start
     returns = evaluate_policy(family, covariates, net, eval_episodes, np.random.default_rng([seed, 2]))
     return net, {"achieved_return": float(returns.mean()), "achieved_return_std": float(returns.std()),
-                 "train_seconds": train_seconds, "env_steps": iterations * n_envs,
-                 "updates": learner.updates}
+                 "train_seconds": train_seconds, "env_steps": checkpoints[-1].steps,
+                 "updates": learner.updates, "device": str(device),
+                 "checkpoints": [[c.steps, c.greedy_return] for c in checkpoints], "chosen_checkpoint": chosen,
+                 "target_return": target_return, "target_rule": target_rule}
