@@ -4,6 +4,11 @@ Several episodes are planned at once: rows are (member x episode x candidate), e
 step is one ``model.step`` call plus the env's batched torch reward and termination. A
 candidate's score is its discounted return under each ensemble member, aggregated by the
 minimum over members (the paper) or the mean (the authors' final code).
+
+The planner runs on its model's device: candidates are drawn there, rollouts stay there, and a
+decision moves data across only twice (the observations in, the chosen actions out). Episodes
+that end drop out of the batch: ``act(obs, agent, episodes=...)`` names the rows it is given,
+and the per-episode state (warm-start plans, a contextual model's history) follows them.
 """
 from __future__ import annotations
 
@@ -15,45 +20,103 @@ from persim_bench.specs import PlannerSpec, per_env
 from persim_bench.envs.base import EnvFamily
 
 
-class MPCPlanner:
-    """Random shooting (discrete actions) or CEM (continuous), replanned at every step."""
+def model_device(model) -> torch.device:
+    """Where a model computes: the device of its first parameter or buffer (also through a wrapper that
+    forwards ``parameters``), else the CPU (the true env, whose simulators are CPU code)."""
+    for attribute in ("parameters", "buffers"):
+        tensors = getattr(model, attribute, None)
+        if callable(tensors):
+            for tensor in tensors():
+                return tensor.device
+    return torch.device(getattr(model, "device", "cpu"))
 
-    def __init__(self, family: EnvFamily, model: DynamicsModel, spec: PlannerSpec, seed: int):
+
+class MPCPlanner:
+    """Random shooting (discrete actions) or CEM (continuous), replanned at every step.
+
+    ``device`` defaults to the model's (see ``model_device``); the random draws come from a
+    generator on that device, so a seed fixes the plans for a given device (CPU and CUDA streams
+    differ). One planner serves one set of episodes at a time: ``reset()`` before the next set.
+    """
+
+    def __init__(self, family: EnvFamily, model: DynamicsModel, spec: PlannerSpec, seed: int,
+                 device: str | torch.device | None = None):
         self.family, self.model, self.spec = family, model, spec
         self.horizon = per_env(spec.horizon, family.name)
         self.candidates = per_env(spec.candidates, family.name)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.device = model_device(model) if device is None else torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())  # as tensors report it
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        # Per-episode state, one row per episode of ``self.episodes`` (their indices, as ``act`` got them).
+        self.episodes: np.ndarray | None = None
         self.previous: torch.Tensor | None = None  # last plan per episode, for warm starts
         # A contextual model's real recent past per episode: states seen and actions taken.
         self.seen: list[torch.Tensor] = []
         self.taken: list[torch.Tensor] = []
 
     def reset(self) -> None:
-        self.previous = None
+        """Forget every episode: the next ``act`` starts a new set."""
+        self.episodes, self.previous = None, None
         self.seen, self.taken = [], []
 
     @torch.no_grad()
-    def act(self, obs: np.ndarray, agent: np.ndarray) -> np.ndarray:
-        """One decision for each of E episodes: obs [E, D], agent [E] (dataset agent ids)."""
-        obs_t = torch.as_tensor(obs, dtype=torch.float32)
-        agent_t = torch.as_tensor(agent, dtype=torch.long)
+    def act(self, obs: np.ndarray, agent: np.ndarray, episodes: np.ndarray | None = None) -> np.ndarray:
+        """One decision for each of E episodes: obs [E, D], agent [E] (dataset agent ids) -> actions [E(, A)].
+
+        ``episodes`` [E] (default ``arange(E)``) says which episodes these rows are, as indices
+        into the set the planner first saw after ``reset``: once some have ended, pass only the
+        running ones (any subset, any order) and their state follows them.
+        """
+        self._follow(episodes, len(obs))
+        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
+        agent_t = torch.as_tensor(agent, dtype=torch.long, device=self.device)
         contextual = isinstance(self.model, ContextualModel)
         if contextual:  # condition on each episode's last K real transitions; rows are then episodes
             k = self.model.history
             self.seen, self.taken = (self.seen + [obs_t])[-(k + 1):], self.taken[-k:]
             action_shape = () if self.family.discrete else (self.family.action_dim,)
             self.model.condition(torch.stack(self.seen, 1), torch.stack(self.taken, 1) if self.taken
-                                 else torch.zeros(len(obs_t), 0, *action_shape))
-            agent_t = torch.arange(len(obs_t))
+                                 else torch.zeros(len(obs_t), 0, *action_shape, device=self.device))
+            agent_t = torch.arange(len(obs_t), device=self.device)
         chunk = max(1, self.spec.max_rows // (self.model.n_members * self.candidates))
         plans = [self._plan(obs_t[i:i + chunk], agent_t[i:i + chunk],
                             None if self.previous is None else self.previous[i:i + chunk])
                  for i in range(0, len(obs_t), chunk)]
-        self.previous = torch.cat(plans)
+        self.previous = plans[0] if len(plans) == 1 else torch.cat(plans)
         first = self.previous[:, 0]
         if contextual:
             self.taken.append(first)
-        return first.numpy().astype(np.int64 if self.family.discrete else np.float32)
+        return first.cpu().numpy().astype(np.int64 if self.family.discrete else np.float32, copy=False)
+
+    def _follow(self, episodes: np.ndarray | None, rows: int) -> None:
+        """Point the per-episode state at the episodes of this call's rows (a subset of the current set)."""
+        ids = np.arange(rows) if episodes is None else np.asarray(episodes, dtype=np.int64).reshape(-1)
+        if len(ids) != rows:
+            raise ValueError(f"episodes names {len(ids)} episodes for {rows} rows of obs")
+        known = self.episodes
+        if known is None:
+            if len(np.unique(ids)) != rows:
+                raise ValueError("episodes must not repeat an episode")
+            self.episodes = ids
+            return
+        if len(ids) == len(known) and np.array_equal(ids, known):
+            return
+        if episodes is None:
+            raise ValueError(f"act got {rows} rows but plans for {len(known)} episodes: pass episodes= "
+                             "(which of them these rows are) or reset() for a new set")
+        order = np.argsort(known, kind="stable")
+        where = order[np.minimum(np.searchsorted(known, ids, sorter=order), len(known) - 1)]
+        if not np.array_equal(known[where], ids) or len(np.unique(ids)) != rows:
+            missing = sorted(set(ids.tolist()) - set(known.tolist()))
+            raise ValueError(f"episodes {missing or 'repeated'}: the planner holds no (single) state for them; "
+                             "reset() before planning a new set of episodes")
+        index = torch.as_tensor(where, device=self.device)  # one small copy, only when the set changes
+        if self.previous is not None:
+            self.previous = self.previous[index]
+        self.seen = [state[index] for state in self.seen]
+        self.taken = [action[index] for action in self.taken]
+        self.episodes = ids
 
     def _plan(self, obs, agent, previous):
         return self._shoot(obs, agent, previous) if self.family.discrete else self._cem(obs, agent, previous)
@@ -61,25 +124,26 @@ class MPCPlanner:
     def _shoot(self, obs, agent, previous):
         """Random shooting; candidate 0 is last step's best plan shifted by one (authors' warm start)."""
         e, k, h = len(obs), self.candidates, self.horizon
-        actions = torch.randint(0, self.family.n_actions, (e, k, h), generator=self.generator)
+        actions = torch.randint(0, self.family.n_actions, (e, k, h), generator=self.generator, device=self.device)
         if previous is not None:
             actions[:, 0, :-1] = previous[:, 1:]
         best = self.score(obs, agent, actions).argmax(dim=1)
-        return actions[torch.arange(e), best]
+        return actions[torch.arange(e, device=self.device), best]
 
     def _cem(self, obs, agent, previous):
         """Cross-entropy method over action sequences in [-1, 1], warm-started from the shifted last mean."""
         e, k, h, a = len(obs), self.candidates, self.horizon, self.family.action_dim
-        mean = torch.zeros(e, h, a)
+        mean = torch.zeros(e, h, a, device=self.device)
         if previous is not None:
             mean[:, :-1] = previous[:, 1:]
-        std = torch.full((e, h, a), self.spec.init_std)
+        std = torch.full((e, h, a), self.spec.init_std, device=self.device)
         alpha = self.spec.smoothing
+        rows = torch.arange(e, device=self.device)[:, None]
         for _ in range(self.spec.iterations + 1):
-            noise = torch.randn((e, k, h, a), generator=self.generator)
+            noise = torch.randn((e, k, h, a), generator=self.generator, device=self.device)
             actions = (mean[:, None] + std[:, None] * noise).clamp(-1.0, 1.0)
             elite_index = self.score(obs, agent, actions).topk(self.spec.elites, dim=1).indices
-            elites = actions[torch.arange(e)[:, None], elite_index]
+            elites = actions[rows, elite_index]
             mean = alpha * mean + (1 - alpha) * elites.mean(dim=1)
             std = alpha * std + (1 - alpha) * elites.std(dim=1)
         return mean
@@ -92,9 +156,9 @@ class MPCPlanner:
         state = obs[None, :, None, :].expand(m, e, k, obs.shape[-1]).reshape(m, rows, -1)
         row_agent = agent.repeat_interleave(k)
         plan = actions.reshape(rows, h, *actions.shape[3:])
-        total = torch.zeros(m, rows)
-        alive = torch.ones(m, rows, dtype=torch.bool)
-        furthest = torch.full((m, rows), -torch.inf)
+        total = torch.zeros(m, rows, device=obs.device)
+        alive = torch.ones(m, rows, dtype=torch.bool, device=obs.device)
+        furthest = torch.full((m, rows), -torch.inf, device=obs.device)
         discount = 1.0
         for t in range(h):
             action = plan[:, t]

@@ -20,3 +20,10 @@ def test_model_benchmarks_report_a_positive_time_and_ratio_per_row():
 def test_mpc_decision_latency_uses_a_paper_size_ensemble():
     row = bench.mpc_decision_latency("cartpole")
     assert row["seconds"] > 0 and "cartpole" in row["what"]
+
+
+def test_mpc_benchmark_reports_the_planner_as_a_share_of_the_matmul_rate():
+    row = bench.mpc_throughput_vs_matmul("cpu", quick=True)
+    assert row["ours_s"] > 0 and row["baseline_s"] > 0 and 0 < row["ratio"] < 2  # a share, not a speed-up
+    assert "(cpu)" in row["what"] and row["target"] == 0.8
+    assert bench.dense_matmul_flops_per_second("cpu", rows=64, repeats=1) > 1e8

@@ -131,6 +131,7 @@ def test_step_in_chunks_equals_one_pass(env):
 
 
 @pytest.mark.parametrize("probabilistic", [False, True])
+@pytest.mark.integration
 def test_fitted_on_one_agent_it_predicts_that_agent(probabilistic):
     """On single-agent data CaDM must learn the dynamics: a poor score on heterogeneous data is then the method's."""
     family = get_env("cartpole")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from persim_bench.algos.true_env import TrueEnvModel
-from persim_bench.config import PlannerSpec
+from persim_bench.specs import PlannerSpec
 from persim_bench.data.behaviour import RandomPolicy, prediction_policy
 from persim_bench.envs import get_env
 from persim_bench.evaluate import episode_rewards, prediction_error
@@ -79,3 +79,157 @@ def test_prediction_error_of_the_true_model_is_zero_and_of_a_wrong_agent_is_not(
     wrong = prediction_error(TrueEnvModel(family, swapped), family, covariates, [0, 4], policy, 6, 30, 5, seed=1)
     assert wrong["rmse_agent0"] > 1e-2 and wrong["r2_agent0"] < exact["r2_agent0"]
     assert exact["pred_trajectories_agent0"] == 6
+
+
+# ---------------------------------------------------------------- finished episodes leave the batch
+
+
+def _all_episodes_through(act, family, covariates, agents, episodes, max_steps, seed):
+    """The reward loop as it was: every episode gets a decision until the last one ends."""
+    rng = np.random.default_rng(seed)
+    agent = np.repeat(np.asarray(agents), episodes)
+    sim = family.batch(covariates[agent])
+    obs = sim.reset(rng)
+    returns, alive = np.zeros(len(agent)), np.ones(len(agent), dtype=bool)
+    for _ in range(max_steps):
+        obs, reward, terminated = sim.step(act(obs, agent))
+        returns += reward * alive
+        alive &= ~terminated
+        if not alive.any():
+            break
+    return returns
+
+
+class _Spy:
+    """An ActFn with per-episode state that records the episodes of each call and forwards to a planner."""
+
+    def __init__(self, planner):
+        self.planner, self.calls = planner, []
+
+    def act(self, obs, agent, episodes=None):
+        self.calls.append(None if episodes is None else np.asarray(episodes).copy())
+        assert len(obs) == len(agent) == (len(obs) if episodes is None else len(episodes))
+        return self.planner.act(obs, agent, episodes=episodes)
+
+
+def test_shrinking_batch_gives_the_old_returns_when_no_episode_ends():
+    spec = dict(horizon={"cartpole": 10}, candidates={"cartpole": 60}, elites=10)
+    family, covariates, planner = _planner("cartpole", **spec)
+    new = episode_rewards(planner.act, family, covariates, [1, 2, 3], episodes=2, max_steps=25, seed=4)
+    assert all(new[f"length_agent{a}"] == 25 for a in (1, 2, 3))  # the premise: nobody fell
+    _, _, old_planner = _planner("cartpole", **spec)
+    old = _all_episodes_through(old_planner.act, family, covariates, [1, 2, 3], 2, 25, 4)
+    returns = np.concatenate([new[f"episode_returns_agent{a}"] for a in (1, 2, 3)])
+    np.testing.assert_array_equal(returns, old)
+    torch.testing.assert_close(planner.previous, old_planner.previous, rtol=0, atol=0)  # the same plans throughout
+
+
+def test_planner_is_called_with_only_the_running_episodes():
+    # MountainCar: the low-gravity agent 0 reaches the goal long before agents 3 and 4 (and than the cap).
+    family, covariates, planner = _planner("mountaincar", horizon={"mountaincar": 30},
+                                           candidates={"mountaincar": 60}, elites=10)
+    spy = _Spy(planner)
+    result = episode_rewards(spy.act, family, covariates, [0, 3, 4], episodes=2, max_steps=150, seed=0)
+    lengths = np.repeat([result[f"length_agent{a}"] for a in (0, 3, 4)], 2)  # agent 0's two episodes may differ
+    per_episode = -np.concatenate([result[f"episode_returns_agent{a}"] for a in (0, 3, 4)])  # -1 per step
+    np.testing.assert_allclose(np.repeat(per_episode.reshape(3, 2).mean(1), 2), lengths)
+    assert per_episode.min() < per_episode.max()  # episodes did end at different times
+    for t, episodes in enumerate(spy.calls):
+        np.testing.assert_array_equal(episodes, np.flatnonzero(per_episode > t))  # exactly the running ones
+    assert len(spy.calls[-1]) < 6 and len(spy.calls) == per_episode.max()
+    assert len(planner.previous) == len(spy.calls[-1]) and np.array_equal(planner.episodes, spy.calls[-1])
+
+
+def test_stateless_policies_get_only_the_running_rows_too():
+    family = get_env("cartpole")
+    covariates = np.asarray(family.test_agents)
+    rows = []
+
+    def push_right(obs, agent):  # falls within about 10 steps, the strong-force agent 2 first
+        assert obs.shape == (len(agent), family.obs_dim)
+        rows.append(len(obs))
+        return np.ones(len(obs), dtype=np.int64)
+
+    result = episode_rewards(push_right, family, covariates, [0, 2], episodes=3, max_steps=50, seed=0)
+    returns = np.concatenate([result[f"episode_returns_agent{a}"] for a in (0, 2)])
+    assert rows[0] == 6 and rows == sorted(rows, reverse=True) and rows[-1] < 6
+    assert rows == [int((returns > t).sum()) for t in range(len(rows))]  # CartPole pays 1 per step taken
+    assert result["reward_agent2"] == pytest.approx(np.mean(result["episode_returns_agent2"]))
+    assert len(result["episode_returns_agent0"]) == 3 and isinstance(result["episode_returns_agent0"][0], float)
+
+
+def test_warm_start_follows_each_episode_through_a_shrinking_reordered_batch():
+    family, covariates, planner = _planner("cartpole", horizon={"cartpole": 6}, candidates={"cartpole": 5}, elites=2)
+    scored = []
+
+    def score(obs, agent, actions):  # every candidate ties: argmax keeps candidate 0, the warm start
+        scored.append(actions.clone())
+        return torch.zeros(actions.shape[:2])
+
+    planner.score = score
+    obs = np.zeros((4, family.obs_dim), np.float32)
+    planner.act(obs, np.arange(4))
+    plans = planner.previous.clone()  # [4 episodes, H]: random, distinct per episode
+    planner.act(obs[[3, 1]], np.array([3, 1]), episodes=np.array([3, 1]))
+    torch.testing.assert_close(scored[-1][:, 0, :-1], plans[[3, 1], 1:])
+    planner.act(obs[[1]], np.array([1]), episodes=np.array([1]))
+    torch.testing.assert_close(scored[-1][0, 0, :-2], plans[1, 2:])
+
+
+class _History:
+    """A contextual model that only records what the planner conditions it on."""
+
+    n_members, history = 1, 3
+
+    def condition(self, obs, action):
+        self.obs, self.action = obs.clone(), action.clone()
+
+    def step(self, obs, action, episode):
+        return obs + 1.0
+
+
+def test_contextual_history_follows_the_episodes_that_keep_running():
+    family = get_env("cartpole")
+    model = _History()
+    planner = MPCPlanner(family, model, PlannerSpec(horizon={"cartpole": 2}, candidates={"cartpole": 4}, elites=2), seed=0)
+    obs = [np.arange(12, dtype=np.float32).reshape(3, 4) + 100 * t for t in range(3)]
+    actions = [planner.act(obs[0], np.zeros(3)), planner.act(obs[1], np.zeros(3))]
+    planner.act(obs[2][[2, 0]], np.zeros(2), episodes=np.array([2, 0]))
+    np.testing.assert_array_equal(model.obs.numpy(), np.stack(obs, 1)[[2, 0]])
+    np.testing.assert_array_equal(model.action.numpy(), np.stack(actions, 1)[[2, 0]])
+
+
+def test_planner_refuses_rows_it_holds_no_state_for():
+    family, covariates, planner = _planner("cartpole", horizon={"cartpole": 3}, candidates={"cartpole": 5}, elites=2)
+    obs = np.zeros((3, family.obs_dim), np.float32)
+    planner.act(obs, np.arange(3))
+    with pytest.raises(ValueError, match="pass episodes"):
+        planner.act(obs[:2], np.arange(2))  # which two?
+    with pytest.raises(ValueError, match=r"\[5\]"):
+        planner.act(obs[:2], np.arange(2), episodes=np.array([0, 5]))
+    planner.reset()
+    assert planner.act(obs[:2], np.arange(2)).shape == (2,)
+
+
+@pytest.mark.parametrize("env, agent_factor", [("cartpole", True), ("halfcheetah", True), ("halfcheetah", False)])
+def test_persim_planning_step_is_its_differentiable_step_in_a_reused_workspace(env, agent_factor):
+    from persim_bench.algos.nets import STEP_CHUNK
+    from persim_bench.algos.persim import PerSimEnsemble
+
+    family = get_env(env)
+    model = PerSimEnsemble(env, 20, 4, 3, [32, 48], [16], agent_factor=agent_factor).eval()
+    with torch.no_grad():  # a non-trivial normaliser, as after fitting
+        for name in ("obs_mean", "obs_std", "delta_mean", "delta_std"):
+            getattr(model, name).copy_(torch.rand(family.obs_dim) + 0.5)
+    gen = torch.Generator().manual_seed(0)
+    for rows in (STEP_CHUNK + 37, 5):  # chunked, then smaller views of the same buffers
+        obs = torch.randn(3, rows, family.obs_dim, generator=gen)
+        action = (torch.randint(0, family.n_actions, (rows,), generator=gen) if family.discrete
+                  else torch.rand(rows, family.action_dim, generator=gen) * 2 - 1)
+        agent = torch.randint(0, 20, (rows,), generator=gen)
+        expected = model.step(obs, action, agent)  # gradient on: the plain path through forward()
+        with torch.no_grad():
+            planned = model.step(obs, action, agent)
+            again = model.step(obs, action, agent)
+        torch.testing.assert_close(planned, expected, rtol=1e-5, atol=1e-6)
+        assert torch.equal(planned, again) and planned.data_ptr() != again.data_ptr()  # results never share buffers

@@ -105,7 +105,9 @@ class CadmModel(nn.Module):
                                   ("act_mean", a, 0.0), ("act_std", a, 1.0),
                                   ("history_act_mean", history * a, 0.0), ("history_act_std", history * a, 1.0)):
             self.register_buffer(name, torch.full((width,), fill))
-        self.noise = torch.Generator().manual_seed(seed + 1)
+        # PE-TS sampling noise: a generator on the device the model computes on (remade there when it moves).
+        self.noise_seed = seed + 1
+        self.noise = torch.Generator().manual_seed(self.noise_seed)
         self.context: torch.Tensor | None = None  # [members, E, context_dim] after ``condition``
 
     @classmethod
@@ -162,12 +164,13 @@ class CadmModel(nn.Module):
     @torch.no_grad()
     def condition(self, obs: torch.Tensor, action: torch.Tensor) -> None:
         """Contexts of E episodes from their real past: obs [E, T+1, D], actions [E, T(, A)]; uses the last K."""
-        obs = torch.as_tensor(obs, dtype=torch.float32)
-        features = self.action_features(torch.as_tensor(action))
+        device = self.obs_mean.device
+        obs = torch.as_tensor(obs, dtype=torch.float32, device=device)
+        features = self.action_features(torch.as_tensor(action, device=device))
         e, t, k = obs.shape[0], obs.shape[1] - 1, self.history
-        delta = torch.zeros(e, k, self.obs_dim)
-        past = torch.zeros(e, k, self.action_width)
-        valid = torch.zeros(e, k, dtype=torch.bool)
+        delta = torch.zeros(e, k, self.obs_dim, device=device)
+        past = torch.zeros(e, k, self.action_width, device=device)
+        valid = torch.zeros(e, k, dtype=torch.bool, device=device)
         n = min(t, k)  # the newest n transitions fill the window's right end
         if n:
             delta[:, k - n:] = obs[:, t - n + 1:] - obs[:, t - n:t]
@@ -193,7 +196,9 @@ class CadmModel(nn.Module):
         mean, logvar = self.predict(self.forward_net, state, action, context)
         if logvar is None:
             return mean
-        return mean + torch.randn(mean.shape, generator=self.noise) * torch.exp(0.5 * logvar)
+        if self.noise.device != mean.device:  # the model moved since the generator was made
+            self.noise = torch.Generator(device=mean.device).manual_seed(self.noise_seed)
+        return mean + torch.randn(mean.shape, generator=self.noise, device=mean.device) * torch.exp(0.5 * logvar)
 
 
 def episode_starts(data: Transitions) -> np.ndarray:
@@ -222,40 +227,44 @@ def context_pairs(starts: np.ndarray, future: int) -> tuple[np.ndarray, np.ndarr
 
 
 def fit_cadm(data: Transitions, spec: CadmSpec, seed: int, probabilistic: bool,
-             on_iteration: Callable[[int, dict], None] | None = None) -> tuple[CadmModel, dict]:
+             on_iteration: Callable[[int, dict], None] | None = None,
+             device: str | torch.device = "cpu") -> tuple[CadmModel, dict]:
     """Train Vanilla (``probabilistic=False``) or PE-TS CaDM offline on ``data``, as the public code.
 
     ``spec.iterations`` times: draw a fresh validation split of context windows and fresh
     bootstrap samples per member (PE-TS), then up to ``epochs_per_iteration`` epochs, stopping
-    early when the rolling validation loss rises. Every draw comes from ``seed``.
+    early when the rolling validation loss rises. Every draw comes from ``seed`` (through a
+    generator on ``device``, where the model trains and stays).
     """
     if len(data) == 0:
         raise ValueError(f"{data.env}/{data.regime}: no transitions to train CaDM on")
     started = time.perf_counter()
     init_seed, data_seed = np.random.SeedSequence(seed).generate_state(2)
     model = CadmModel.from_spec(spec, data.env, probabilistic, int(init_seed))
-    tensors = training_tensors(model, data, spec.future)
+    tensors = training_tensors(model, data, spec.future)  # on the CPU, then all moved once
+    model.to(device)
+    tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
     source = tensors["source"]
 
     optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr, fused=True)
-    gen = torch.Generator().manual_seed(int(data_seed))
+    gen = torch.Generator(device=device).manual_seed(int(data_seed))
     n_windows, members = len(data), model.members
     metrics: dict = {}
     epochs_run = 0
     for iteration in range(spec.iterations):
         n_valid = min(int(n_windows * spec.valid_split), VALID_WINDOWS_CAP)
-        held_out = torch.zeros(n_windows, dtype=torch.bool)
-        held_out[torch.randperm(n_windows, generator=gen)[:n_valid]] = True
+        held_out = torch.zeros(n_windows, dtype=torch.bool, device=device)
+        held_out[torch.randperm(n_windows, generator=gen, device=device)[:n_valid]] = True
         train_pairs = torch.nonzero(~held_out[source]).squeeze(1)
         valid_pairs = torch.nonzero(held_out[source]).squeeze(1)
         n_train = len(train_pairs)
         # PE-TS members each see a bootstrap resample; a single model sees every pair.
-        sample = (torch.randint(n_train, (members, n_train), generator=gen) if members > 1
-                  else torch.arange(n_train)[None])
+        sample = (torch.randint(n_train, (members, n_train), generator=gen, device=device) if members > 1
+                  else torch.arange(n_train, device=device)[None])
         rolling = previous = None
         for _ in range(spec.epochs_per_iteration):
-            sample = sample.gather(1, torch.argsort(torch.rand(sample.shape, generator=gen), dim=1))
-            total = 0.0
+            sample = sample.gather(1, torch.argsort(torch.rand(sample.shape, generator=gen, device=device), dim=1))
+            total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per step
             model.train()
             for begin in range(0, n_train, spec.batch_size):
                 pairs = train_pairs[sample[:, begin:begin + spec.batch_size]]
@@ -266,9 +275,9 @@ def fit_cadm(data: Transitions, spec: CadmSpec, seed: int, probabilistic: bool,
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                total += recon.item() * pairs.shape[1]
+                total += recon.detach().double() * pairs.shape[1]
             epochs_run += 1
-            metrics = {"train_loss": total / (n_train * members)}
+            metrics = {"train_loss": total.item() / (n_train * members)}
             if not n_valid:
                 continue
             with torch.no_grad():

@@ -17,14 +17,21 @@ if TYPE_CHECKING:
 
 
 class TrueEnvModel:
-    """The env's own dynamics as a one-member ``DynamicsModel`` over the dataset's agents."""
+    """The env's own dynamics as a one-member ``DynamicsModel`` over the dataset's agents.
+
+    It computes on the CPU (HalfCheetah's true dynamics are MuJoCo), so the planner runs it there;
+    inputs from another device are stepped on the CPU and returned to their device.
+    """
 
     n_members = 1
+    device = torch.device("cpu")
 
     def __init__(self, family: EnvFamily, covariates: np.ndarray):
         self.dynamics = family.true_dynamics(covariates)
 
     def step(self, obs: torch.Tensor, action: torch.Tensor, agent: torch.Tensor) -> torch.Tensor:
+        if obs.device.type != "cpu":
+            return self.step(obs.cpu(), action.cpu(), agent.cpu()).to(obs.device)
         return self.dynamics(obs[0], action, agent)[None]
 
 
