@@ -49,6 +49,7 @@ def cartpole():
 
 # --- learning -------------------------------------------------------------------------------------
 
+@pytest.mark.integration
 @pytest.mark.parametrize("seed", [0, 1])
 def test_bcq_p_learns_cartpole_from_a_good_noisy_policy(monkeypatch, tmp_path, seed):
     family = get_env("cartpole")

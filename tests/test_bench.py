@@ -5,7 +5,11 @@ that crashes or measures nothing is.
 """
 import math
 
+import pytest
+
 from persim_bench import bench
+
+pytestmark = pytest.mark.integration  # benchmarks at their (quick) sizes take minutes
 
 
 def test_model_benchmarks_report_a_positive_time_and_ratio_per_row():

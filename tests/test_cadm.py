@@ -90,6 +90,7 @@ def test_planner_conditions_on_the_real_episode_so_far():
     torch.testing.assert_close(seen, model.context)
 
 
+@pytest.mark.integration
 def test_pets_samples_spread_as_the_predicted_variance():
     family = get_env("halfcheetah")
     model = CadmModel.from_spec(SMALL, "halfcheetah", probabilistic=True, seed=3)

@@ -123,6 +123,7 @@ def test_fit_act_shapes_and_same_seed_same_policy(tmp_path, data, name, env):
 
 # --- CQL ------------------------------------------------------------------------------------------
 
+@pytest.mark.integration
 @pytest.mark.parametrize("seed", [0, 1])
 def test_cql_p_learns_cartpole_from_a_good_noisy_policy(monkeypatch, tmp_path, seed):
     family = get_env("cartpole")

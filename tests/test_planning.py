@@ -17,6 +17,7 @@ def _planner(env, **spec):
     return family, covariates, MPCPlanner(family, TrueEnvModel(family, covariates), PlannerSpec(**spec), seed=0)
 
 
+@pytest.mark.integration
 def test_true_env_mpc_balances_cartpole_far_better_than_random():
     family, covariates, planner = _planner("cartpole", horizon={"cartpole": 15}, candidates={"cartpole": 100}, elites=10)
     planned = episode_rewards(planner.act, family, covariates, [1, 3], episodes=2, max_steps=100, seed=0)
@@ -26,6 +27,7 @@ def test_true_env_mpc_balances_cartpole_far_better_than_random():
     assert planned["reward_mean"] >= 95 and baseline["reward_mean"] < 40
 
 
+@pytest.mark.integration
 def test_true_env_mpc_climbs_the_mountain():
     family, covariates, planner = _planner("mountaincar", horizon={"mountaincar": 30}, candidates={"mountaincar": 100}, elites=10)
     result = episode_rewards(planner.act, family, covariates, [0, 1], episodes=1, max_steps=400, seed=0)
@@ -112,6 +114,7 @@ class _Spy:
         return self.planner.act(obs, agent, episodes=episodes)
 
 
+@pytest.mark.integration
 def test_shrinking_batch_gives_the_old_returns_when_no_episode_ends():
     spec = dict(horizon={"cartpole": 10}, candidates={"cartpole": 60}, elites=10)
     family, covariates, planner = _planner("cartpole", **spec)
@@ -124,6 +127,7 @@ def test_shrinking_batch_gives_the_old_returns_when_no_episode_ends():
     torch.testing.assert_close(planner.previous, old_planner.previous, rtol=0, atol=0)  # the same plans throughout
 
 
+@pytest.mark.integration
 def test_planner_is_called_with_only_the_running_episodes():
     # MountainCar: the low-gravity agent 0 reaches the goal long before agents 3 and 4 (and than the cap).
     family, covariates, planner = _planner("mountaincar", horizon={"mountaincar": 30},

@@ -46,6 +46,7 @@ def cartpole_dqn():
     return net, info, progress
 
 
+@pytest.mark.integration
 def test_dqn_learns_cartpole(cartpole_dqn):
     net, info, progress = cartpole_dqn
     rng = np.random.default_rng(0)
