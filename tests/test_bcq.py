@@ -9,12 +9,8 @@ import torch
 
 from persim_bench.algos.bcq import BCQSpec, make_bcq, act_with_more_samples
 from persim_bench.algos.d3rlpy_common import fit_policies, to_mdp_dataset
-from persim_bench.data import generate
-from persim_bench.data.behaviour import EpsilonMixture, HeuristicController, RandomPolicy
 from persim_bench.data.dataset import Transitions
-from persim_bench.data.generate import DatasetPlan, record_shard
-from persim_bench.envs import get_env
-from persim_bench.evaluate import episode_rewards
+from offline_data import noisy_controller_cartpole, recorded, returns_vs_random
 
 TINY = BCQSpec(steps=20, steps_per_epoch=10, discrete_hidden=[32, 32], actor_hidden=[32, 32], critic_hidden=[32, 32],
                vae_hidden=[32, 32], act_samples=20)
@@ -29,12 +25,6 @@ def fit_bcq(data, spec, seed, work_dir, agents=None, on_epoch=None):
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _recorded(env: str, n_agents: int, steps: int, seed: int = 0, regime: str = "random") -> Transitions:
-    plan = DatasetPlan(env=env, regime=regime, seed=seed, n_agents=n_agents, episode_steps=steps,
-                       agents_per_shard=n_agents)
-    return record_shard(plan, 0)  # the dataset generator's own code path, one shard for all agents
-
-
 def _take(data: Transitions, rows) -> Transitions:
     columns = ("agent", "t", "obs", "action", "reward", "next_obs", "terminated", "truncated")
     return dataclasses.replace(data, **{c: getattr(data, c)[rows] for c in columns})
@@ -42,7 +32,7 @@ def _take(data: Transitions, rows) -> Transitions:
 
 @pytest.fixture(scope="module")
 def cartpole():
-    data = _recorded("cartpole", n_agents=20, steps=25)  # random actions: some fall, some hit the cap
+    data = recorded("cartpole", n_agents=20, steps=25)  # random actions: some fall, some hit the cap
     assert data.terminated.any() and data.truncated.any()
     return data
 
@@ -52,24 +42,14 @@ def cartpole():
 @pytest.mark.integration
 @pytest.mark.parametrize("seed", [0, 1])
 def test_bcq_p_learns_cartpole_from_a_good_noisy_policy(monkeypatch, tmp_path, seed):
-    family = get_env("cartpole")
-    # The heuristic balancer with 20% random actions stands in for the logging policies of a pure-eps-20 regime.
-    noisy_heuristic = EpsilonMixture(HeuristicController(family), family, 0.2)
-    monkeypatch.setattr(generate, "regime_policy", lambda family, regime, covariates, nets: noisy_heuristic)
-    data = _recorded("cartpole", n_agents=10, steps=200, seed=seed, regime="pure-eps-20")
+    data = noisy_controller_cartpole(monkeypatch, seed)
     epochs = []
     policy, metrics = fit_bcq(data, BCQSpec(steps=800, steps_per_epoch=400), seed, tmp_path,
                               on_epoch=lambda epoch, m: epochs.append((epoch, m)))
     assert [e for e, _ in epochs] == [1, 2] and {"loss", "td_loss", "imitator_loss"} <= set(epochs[-1][1])
     assert metrics["transitions"] == len(data) and metrics["fit_seconds"] > 0
     assert all(isinstance(v, float | int) for v in metrics.values())
-
-    agents, rng = [0, 1, 2, 3, 4], np.random.default_rng(seed)
-    random_policy = RandomPolicy(family)
-    baseline = episode_rewards(lambda obs, agent: random_policy.act(obs, rng), family, data.covariates, agents,
-                               episodes=10, max_steps=200, seed=seed)["reward_mean"]
-    bcq = episode_rewards(policy.act, family, data.covariates, agents, episodes=10, max_steps=200,
-                          seed=seed)["reward_mean"]
+    bcq, baseline = returns_vs_random(policy.act, data, seed)
     assert bcq > max(2 * baseline, 100), (bcq, baseline)
 
 
@@ -106,7 +86,7 @@ def test_mdp_dataset_of_some_agents(cartpole):
 @pytest.mark.parametrize("env,space,size", [("mountaincar", "DISCRETE", 3), ("cartpole", "DISCRETE", 2),
                                             ("halfcheetah", "CONTINUOUS", 6)])
 def test_action_space_and_size(env, space, size):
-    data = _recorded(env, n_agents=5, steps=4)  # four steps: no trajectory ends, all are timeouts
+    data = recorded(env, n_agents=5, steps=4)  # four steps: no trajectory ends, all are timeouts
     dataset = to_mdp_dataset(data)
     assert dataset.dataset_info.action_space.name == space and dataset.dataset_info.action_size == size
     assert dataset.transition_count == len(data) == 20
@@ -144,7 +124,7 @@ def test_bcq_a_one_policy_per_agent_and_rows_go_to_their_own(tmp_path, cartpole)
 
 
 def test_continuous_halfcheetah_fit_and_act(tmp_path):
-    data = _recorded("halfcheetah", n_agents=5, steps=10)
+    data = recorded("halfcheetah", n_agents=5, steps=10)
     policy, metrics = fit_bcq(data, TINY, 0, tmp_path, agents=[2, 4])
     assert {"vae_loss_agent2", "critic_loss_agent4", "actor_loss_agent4"} <= set(metrics)
     assert policy.algos[2].impl._n_action_samples == TINY.act_samples  # the original's 100-vs-10 split

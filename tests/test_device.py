@@ -15,7 +15,7 @@ from persim_bench.algos.true_env import TrueEnvModel
 from persim_bench.specs import PlannerSpec
 from persim_bench.data.behaviour import RandomPolicy
 from persim_bench.envs import get_env
-from persim_bench.evaluate import episode_rewards, open_loop, prediction_error, record_test_trajectories
+from persim_bench.evaluate import episode_rewards, open_loop, prediction_error
 from persim_bench.planning import MPCPlanner, model_device
 
 

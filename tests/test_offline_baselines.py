@@ -13,14 +13,11 @@ from persim_bench.algos.iql import IQLSpec, make_iql
 from persim_bench.algos.registry import ALGORITHMS
 from persim_bench.algos.td3bc import TD3BCSpec, make_td3bc
 from persim_bench.config import load_grid
-from persim_bench.data import generate
-from persim_bench.data.behaviour import EpsilonMixture, HeuristicController, RandomPolicy
-from persim_bench.data.generate import DatasetPlan, record_shard
 from persim_bench.envs import get_env
-from persim_bench.evaluate import episode_rewards
 from persim_bench.errors import GridError
 from persim_bench.orchestration.estimate import estimate, format_estimate
 from persim_bench.orchestration.trials import main_trials
+from offline_data import noisy_controller_cartpole, recorded, returns_vs_random
 
 SMALL = dict(steps=20, steps_per_epoch=10)
 TINY = {
@@ -39,15 +36,9 @@ FAST_DISCRETE_CQL = CQLSpec(steps=400, steps_per_epoch=200, bc_warmup_steps=0, d
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _recorded(env: str, n_agents: int, steps: int, seed: int = 0, regime: str = "random"):
-    plan = DatasetPlan(env=env, regime=regime, seed=seed, n_agents=n_agents, episode_steps=steps,
-                       agents_per_shard=n_agents)
-    return record_shard(plan, 0)
-
-
 @pytest.fixture(scope="module")
 def data():
-    return {"cartpole": _recorded("cartpole", n_agents=20, steps=25), "halfcheetah": _recorded("halfcheetah", 5, 10)}
+    return {"cartpole": recorded("cartpole", n_agents=20, steps=25), "halfcheetah": recorded("halfcheetah", 5, 10)}
 
 
 def fit(name, data, spec, seed, work_dir, agents=None):
@@ -126,18 +117,10 @@ def test_fit_act_shapes_and_same_seed_same_policy(tmp_path, data, name, env):
 @pytest.mark.integration
 @pytest.mark.parametrize("seed", [0, 1])
 def test_cql_p_learns_cartpole_from_a_good_noisy_policy(monkeypatch, tmp_path, seed):
-    family = get_env("cartpole")
-    noisy_heuristic = EpsilonMixture(HeuristicController(family), family, 0.2)
-    monkeypatch.setattr(generate, "regime_policy", lambda family, regime, covariates, nets: noisy_heuristic)
-    transitions = _recorded("cartpole", n_agents=10, steps=200, seed=seed, regime="pure-eps-20")
+    transitions = noisy_controller_cartpole(monkeypatch, seed)
     policy, metrics = fit("cql", transitions, FAST_DISCRETE_CQL, seed, tmp_path)
     assert {"loss", "td_loss", "conservative_loss"} <= set(metrics)
-    agents, rng = [0, 1, 2, 3, 4], np.random.default_rng(seed)
-    random_policy = RandomPolicy(family)
-    baseline = episode_rewards(lambda obs, agent: random_policy.act(obs, rng), family, transitions.covariates,
-                               agents, episodes=10, max_steps=200, seed=seed)["reward_mean"]
-    cql = episode_rewards(policy.act, family, transitions.covariates, agents, episodes=10, max_steps=200,
-                          seed=seed)["reward_mean"]
+    cql, baseline = returns_vs_random(policy.act, transitions, seed)
     assert cql > max(2 * baseline, 100), (cql, baseline)
 
 

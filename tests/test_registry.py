@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
-import torch
 
 from persim_bench.algos.base import Algorithm, TrialContext
 from persim_bench.algos.d3rlpy_common import OfflinePolicySpec

@@ -19,12 +19,12 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import structlog
 import torch
-from pydantic import Field, model_validator
+from pydantic import model_validator
 
 from persim_bench.algos.base import Algorithm, Trial, TrialContext
 from persim_bench.costmodel import ACT_SECONDS, STEP_SECONDS, env_step_seconds, mlp_seconds
