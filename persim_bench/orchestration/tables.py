@@ -172,12 +172,22 @@ def dataset_table(grid: Grid, data_root: Path) -> dict:
 
 def policy_table(headers: dict) -> dict:
     rows = [[h["env"], f"{h['role']}-{h['index']}", ", ".join(f"{c:g}" for c in h["covariates"]), h["algorithm"],
-             f"{h['budget']:,}", f"{h['achieved_return']:.4g} +- {h['achieved_return_std']:.3g}",
-             f"{h['train_seconds']:.0f}"]
+             f"{h.get('env_steps', h['budget']):,} of {h['budget']:,}", _chosen(h),
+             f"{h['achieved_return']:.4g} +- {h['achieved_return_std']:.3g}", f"{h['train_seconds']:.0f}"]
             for h in sorted(headers.values(), key=lambda h: (h["env"], h["role"], h["index"]))]
-    return {"title": "Trained policies: return of the greedy policy on its own agent",
-            "columns": ["env", "policy", "covariates", "algorithm", "env steps", "achieved return", "train s"],
+    return {"title": "Trained policies: return of the greedy policy on its own agent (the checkpoint kept: its "
+                     "env steps and greedy return when chosen, and the target it was chosen for)",
+            "columns": ["env", "policy", "covariates", "algorithm", "env steps of budget", "checkpoint kept",
+                        "achieved return", "train s"],
             "rows": rows}
+
+
+def _chosen(header: dict) -> str:
+    if header.get("chosen_checkpoint") is None or not header.get("checkpoints"):
+        return "final"
+    steps, value = header["checkpoints"][header["chosen_checkpoint"]]
+    target = header.get("target_return")
+    return f"{steps:,} steps: {value:.4g}" + (f" (target {target:g}, {header.get('target_rule')})" if target is not None else " (best)")
 
 
 def reward_figure(table: dict, path: Path) -> None:
