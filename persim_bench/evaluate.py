@@ -198,9 +198,7 @@ def macs_per_row(model: DynamicsModel, family: EnvFamily, rows: int = 64) -> flo
     """Multiply-adds of one model row (one member, one state), counted by torch on one step of ``rows`` states."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    members = model.n_members
-    params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
-    device = params[0].device if params else torch.device("cpu")
+    members, device = model.n_members, model_device(model)
     obs = torch.zeros(members, rows, family.obs_dim, device=device)
     action = (torch.zeros(rows, dtype=torch.long) if family.discrete else torch.zeros(rows, family.action_dim)).to(device)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:

@@ -13,6 +13,7 @@ the caller's states afterwards.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import random
 import shutil
@@ -167,10 +168,7 @@ def fit_policies(data: Transitions, make: MakeAlgo, spec: OfflinePolicySpec, see
     epochs = spec.steps // spec.steps_per_epoch
     algos, final = {}, {"transitions": sum(d.transition_count for d in datasets.values())}
     for k, key in enumerate(groups):
-        report = None
-        if on_epoch:
-            def report(epoch: int, metrics: dict, k=k, key=key) -> None:
-                on_epoch(k * epochs + epoch, metrics if key is None else {**metrics, "agent": key})
+        report = on_epoch and functools.partial(_report_epoch, on_epoch, k * epochs, key)
         seed_key = (1,) if key is None else (2, key)
         run_name = name if key is None else f"{name}_agent{key}"
         algo = make(spec, discrete, device)
@@ -182,6 +180,12 @@ def fit_policies(data: Transitions, make: MakeAlgo, spec: OfflinePolicySpec, see
         final.update(metrics if key is None else {f"{m}_agent{key}": v for m, v in metrics.items()})
     policy = D3rlpyPolicy(data.env, algos, stream(seed, 0))
     return policy, {**final, "fit_seconds": time.perf_counter() - started}
+
+
+def _report_epoch(on_epoch: Callable[[int, dict], None], offset: int, agent: int | None, epoch: int,
+                  metrics: dict) -> None:
+    """An epoch of one policy as a running epoch across the policies, tagged with its agent (per-agent fits)."""
+    on_epoch(offset + epoch, metrics if agent is None else {**metrics, "agent": agent})
 
 
 def stream(seed: int, *key: int) -> int:

@@ -6,6 +6,7 @@ narrowed or repeated invocations add up), and writes Markdown, CSV and LaTeX to
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -106,17 +107,17 @@ def cost_table(runs: list, grid: Grid, data_root: Path, rate: float | None = Non
         if run.info.status == "FINISHED" and tags.get("stage") == "main" and "seconds_total" in run.data.metrics:
             groups[tags["algo"], tags["env"]].append(run)
     rows = []
+    manifest_rows = functools.cache(lambda env, regime: dataset_rows(grid, env, regime, data_root)
+                                    if regime != "none" else 0)
     for (algo, env), group in sorted(groups.items(), key=lambda item: (_order(item[0][0], grid.algos), item[0][1])):
         cpus = grid.trial_resources(algo).cpu
         measured = [r.data.metrics["seconds_total"] * cpus for r in group]
+        cost = ALGORITHMS[algo].cost if algo in ALGORITHMS else None
         estimated = []
-        for run in group:
+        for run in group if cost is not None else []:
             trial = Trial(stage="main", algo=algo, env=env, regime=run.data.tags["regime"],
                           seed=int(run.data.tags["seed"]), rank=int(run.data.params["rank"]) if "rank" in run.data.params else None)
-            data = dataset_rows(grid, env, trial.regime, data_root) if trial.regime != "none" else 0
-            cost = ALGORITHMS[algo].cost if algo in ALGORITHMS else None
-            if cost is not None:
-                estimated.append(cost(grid, trial, data, rate))
+            estimated.append(cost(grid, trial, manifest_rows(env, trial.regime), rate))
         phases = {p: np.mean([r.data.metrics.get(f"seconds_{p}", 0.0) for r in group])
                   for p in ("load", "fit", "prediction", "reward")}
         macs = [r.data.metrics["model_macs_per_second"] for r in group if "model_macs_per_second" in r.data.metrics]
