@@ -29,7 +29,7 @@ from persim_bench.planning import MPCPlanner, model_device
 
 if TYPE_CHECKING:
     from persim_bench.config import Grid
-    from persim_bench.specs import PlannerSpec
+    from persim_bench.specs import EvaluationSpec, PlannerSpec
 
 # (obs [E, D], agent [E]) -> actions [E] or [E, A]: an MPC planner or a model-free policy. One that keeps
 # per-episode state (the planner) also takes ``episodes=``: which episodes the E rows are (see episode_rewards).
@@ -179,6 +179,28 @@ def timed(ctx: TrialContext, phase: str):
         ctx.costs[key] = ctx.costs.get(key, 0.0) + time.perf_counter() - started
 
 
+class WithinStateBox:
+    """A learned model whose predicted states are clamped into the env's state box; everything else goes to the model.
+
+    The env itself never leaves that box (gym's MountainCar clips position and velocity), so
+    this is known physics, like the reward function the planner is given.
+    """
+
+    def __init__(self, model: DynamicsModel, family: EnvFamily):
+        self.model, self.family = model, family
+
+    def step(self, obs: torch.Tensor, action: torch.Tensor, agent: torch.Tensor) -> torch.Tensor:
+        return self.family.clip_state(self.model.step(obs, action, agent))
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+
+def as_simulator(model: DynamicsModel, family: EnvFamily, spec: "EvaluationSpec") -> DynamicsModel:
+    """The learned model as the evaluation uses it: held to the env's state box when the grid asks and the env has one."""
+    return WithinStateBox(model, family) if spec.clip_to_state_box and family.state_low is not None else model
+
+
 class CountingModel:
     """A dynamics model that counts the rows (members x batch) it steps; everything else goes to the model."""
 
@@ -238,10 +260,10 @@ def test_actions_policy(grid: "Grid", family: EnvFamily, policy_root: Path, seed
 
 
 def evaluate_model(model: DynamicsModel, trial: Trial, ctx: TrialContext, planner: "PlannerSpec | None" = None) -> dict:
-    """Prediction error and MPC reward of a learned dynamics model on the test agents."""
+    """Prediction error and MPC reward of a learned dynamics model on the test agents (as ``as_simulator`` gives it)."""
     grid, family = ctx.grid, get_env(trial.env)
     spec = grid.evaluation
-    counted = CountingModel(model)
+    counted = CountingModel(as_simulator(model, family, spec))
     with timed(ctx, "prediction"):
         policy, policy_name = test_actions_policy(grid, family, ctx.policy_root, trial.seed)
         metrics = prediction_error(counted, family, test_covariates(family), spec.test_agents, policy,

@@ -180,6 +180,11 @@ class EvaluationSpec(Strict):
     prediction_policy: Literal["trained", "heuristic"] = "trained"
     # Episode cap for reward episodes; the paper's horizon when absent.
     max_steps: dict[str, PositiveInt] = {}
+    # Hold a learned model's predicted states to the box the env keeps its states in (MountainCar's
+    # position and velocity limits), in planning and in the prediction test. Paper and authors' code:
+    # no clip (false). Without it PerSim's open-loop predictions of rarely-seen MountainCar agents
+    # leave the physical box and grow without bound on pure data (README, "Reproduction slice").
+    clip_to_state_box: bool = True
 
     def episode_steps(self, env: str) -> int:
         return self.max_steps.get(env, ENVS[env].horizon)

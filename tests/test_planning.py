@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from persim_bench.algos.true_env import TrueEnvModel
-from persim_bench.specs import PlannerSpec
+from persim_bench.specs import EvaluationSpec, PlannerSpec
 from persim_bench.data.behaviour import RandomPolicy, prediction_policy
 from persim_bench.envs import get_env
-from persim_bench.evaluate import episode_rewards, prediction_error
+from persim_bench.evaluate import as_simulator, episode_rewards, open_loop, prediction_error
 from persim_bench.planning import MPCPlanner
 
 
@@ -81,6 +81,40 @@ def test_prediction_error_of_the_true_model_is_zero_and_of_a_wrong_agent_is_not(
     wrong = prediction_error(TrueEnvModel(family, swapped), family, covariates, [0, 4], policy, 6, 30, 5, seed=1)
     assert wrong["rmse_agent0"] > 1e-2 and wrong["r2_agent0"] < exact["r2_agent0"]
     assert exact["pred_trajectories_agent0"] == 6
+
+
+class _Runaway:
+    """MountainCar's true dynamics whose velocity error compounds: the way an over-fitted model diverges open loop."""
+
+    n_members = 1
+
+    def __init__(self, family, covariates):
+        self.true = TrueEnvModel(family, covariates)
+
+    def step(self, obs, action, agent):
+        moved = self.true.step(obs, action, agent)
+        moved[..., 1] = obs[..., 1] * 3 + 0.01
+        return moved
+
+
+def test_state_box_stops_a_diverging_model_and_leaves_a_right_one_alone():
+    family = get_env("mountaincar")
+    covariates = np.asarray(family.test_agents)
+    policy, agents = prediction_policy(family), [0, 3]
+    runaway = _Runaway(family, covariates)
+    free = prediction_error(runaway, family, covariates, agents, policy, 4, 30, 5, seed=0)
+    boxed_model = as_simulator(runaway, family, EvaluationSpec())
+    boxed = prediction_error(boxed_model, family, covariates, agents, policy, 4, 30, 5, seed=0)
+    assert free["rmse_agent0"] > 1e3 and boxed["rmse_agent0"] < 2.0  # the box's diagonal is 1.8
+    start = np.tile(np.array([[-0.5, 0.0]], dtype=np.float32), (3, 1))
+    path = open_loop(boxed_model, start, np.full((3, 20), 2), np.arange(3))
+    assert (path >= np.array(family.state_low) - 1e-6).all() and (path <= np.array(family.state_high) + 1e-6).all()
+    exact = prediction_error(as_simulator(TrueEnvModel(family, covariates), family, EvaluationSpec()), family,
+                             covariates, agents, policy, 4, 30, 5, seed=0)
+    assert exact["rmse_agent0"] < 1e-5 and exact["rmse_agent3"] < 1e-5  # real states never touch the clamp
+    assert as_simulator(runaway, family, EvaluationSpec(clip_to_state_box=False)) is runaway
+    cartpole = get_env("cartpole")
+    assert as_simulator(runaway, cartpole, EvaluationSpec()) is runaway  # CartPole has no state box
 
 
 # ---------------------------------------------------------------- finished episodes leave the batch

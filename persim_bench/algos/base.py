@@ -21,7 +21,10 @@ class DynamicsModel(Protocol):
     n_members: int
 
     def step(self, obs: torch.Tensor, action: torch.Tensor, agent: torch.Tensor) -> torch.Tensor:
-        """obs [M, B, D] (float32), action [B] long or [B, A] float, agent [B] long -> next obs [M, B, D]."""
+        """obs [M, B, D] (float32), action [B] long or [B, A] float, agent [B] long -> next obs [M, B, D].
+
+        The result is a fresh tensor the caller owns (never a view of ``obs``): evaluation may clamp it in place.
+        """
 
 
 @runtime_checkable

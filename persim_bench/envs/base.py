@@ -58,10 +58,22 @@ class EnvFamily(ABC):
     # authors' MountainCar planner adds 0.01 * the furthest position reached, without which a
     # 50-step horizon rarely sees the sparse goal; 0 for the other envs.
     shaping_weight: float = 0.0
+    # The box the env itself keeps its states in (gym's MountainCar clips position and velocity);
+    # None where states are unbounded. Learned models may be held to it (``clip_state``).
+    state_low: tuple[float, ...] | None = None
+    state_high: tuple[float, ...] | None = None
 
     @property
     def discrete(self) -> bool:
         return self.n_actions is not None
+
+    def clip_state(self, obs: torch.Tensor) -> torch.Tensor:
+        """Clamp states [..., D] into the env's state box, in place (a no-op without a box)."""
+        if self.state_low is None:
+            return obs
+        low = torch.tensor(self.state_low, dtype=obs.dtype, device=obs.device)
+        high = torch.tensor(self.state_high, dtype=obs.dtype, device=obs.device)
+        return torch.clamp_(obs, low, high)
 
     @abstractmethod
     def batch(self, covariates: np.ndarray) -> BatchSim:

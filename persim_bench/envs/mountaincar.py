@@ -68,6 +68,8 @@ class MountainCar(EnvFamily):
     test_agents = ((0.0001,), (0.0005,), (0.001,), (0.0025,), (0.0035,))
     policy_agents = ((0.0003,), (0.00075,), (0.00175,), (0.0025,), (0.003,))
     shaping_weight = 0.01
+    state_low = (MIN_POSITION, -MAX_SPEED)
+    state_high = (MAX_POSITION, MAX_SPEED)
 
     def batch(self, covariates):
         return MountainCarBatch(covariates)
