@@ -68,12 +68,15 @@ class EnvFamily(ABC):
         return self.n_actions is not None
 
     def clip_state(self, obs: torch.Tensor) -> torch.Tensor:
-        """Clamp states [..., D] into the env's state box, in place (a no-op without a box)."""
+        """Clamp states [..., D] into the env's state box, in place (a no-op without a box).
+
+        Scalar bounds per dimension: no bound tensor is built, or copied to the device, per planner step.
+        """
         if self.state_low is None:
             return obs
-        low = torch.tensor(self.state_low, dtype=obs.dtype, device=obs.device)
-        high = torch.tensor(self.state_high, dtype=obs.dtype, device=obs.device)
-        return torch.clamp_(obs, low, high)
+        for dim, (low, high) in enumerate(zip(self.state_low, self.state_high)):
+            obs[..., dim].clamp_(low, high)
+        return obs
 
     @abstractmethod
     def batch(self, covariates: np.ndarray) -> BatchSim:
