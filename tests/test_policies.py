@@ -10,10 +10,11 @@ import torch
 import persim_bench
 from persim_bench.config import GridError, load_grid
 from persim_bench.data.dataset import read_dataset
-from persim_bench.data.generate import generate_datasets
-from persim_bench.data.policies import (PolicyError, load_policy, nearest_policy_agent, policy_jobs, save_policy,
-                                        train_policies)
+from persim_bench.data.generate import dataset_plans, generate_datasets
+from persim_bench.data.policies import (PolicyError, load_policy, logging_policy_paths, nearest_policy_agent,
+                                        policy_jobs, save_policy, train_policies)
 from persim_bench.data.policy_net import PolicyNet
+from persim_bench.data.rl import evaluate_policy
 from persim_bench.envs import get_env
 
 PURE = {
@@ -103,6 +104,39 @@ def test_target_return_enters_the_logging_policies_keys_only(write_grid):
         jobs("f", eval_every=None)
 
 
+def test_regime_targets_give_a_regime_logging_policies_of_its_own(write_grid):
+    def jobs(name, regimes, regime_targets):
+        grid = {**PURE, "regimes": regimes, "policies": {**PURE["policies"], "regime_targets": regime_targets}}
+        return load_grid(write_grid(grid, f"{name}.yaml"))
+
+    grid = jobs("a", ["pure", "pure-eps-20", "pure-eps-40"], {"cartpole": {"pure-eps-40": 20.0}})
+    logging = [j for j in policy_jobs(grid) if j.role == "logging"]
+    assert [j.label for j in logging] == [f"logging-{i}" for i in range(5)] + [f"logging-pure-eps-40-{i}" for i in range(5)]
+    shared, own = logging[:5], logging[5:]
+    assert all(j.score_epsilon == 0.0 and j.target_return == 30.0 for j in shared)
+    assert all(j.score_epsilon == 0.4 and j.target_return == 20.0 and j.regime == "pure-eps-40" for j in own)
+    assert [j.seed for j in own] == [j.seed for j in shared]      # same training run, scored differently
+    root = Path("policies")
+    assert logging_policy_paths(root, grid, "cartpole", "pure-eps-40") == [j.path(root) for j in own]
+    for regime in ("pure", "pure-eps-20"):
+        assert logging_policy_paths(root, grid, "cartpole", regime) == [j.path(root) for j in shared]
+    # the shared policies keep the keys they had before regime_targets existed
+    assert [j.key for j in shared] == [j.key for j in policy_jobs(load_grid(write_grid(PURE, "plain.yaml")))
+                                       if j.role == "logging"]
+    # a grid whose every pure* regime has its own policies trains no shared ones
+    alone = jobs("b", ["random", "pure-eps-40"], {"cartpole": {"pure-eps-40": 20.0}})
+    assert [j.label for j in policy_jobs(alone) if j.role == "logging"] == [j.label for j in own]
+    for bad, message in (({"cartpole": {"random": 20.0}}, "unknown regime 'random'"),
+                         ({"cartpole": {"pure-eps-30": 20.0}}, "unknown regime 'pure-eps-30'"),
+                         ({"cartpol": {"pure": 20.0}}, "unknown env 'cartpol'")):
+        with pytest.raises(GridError, match=f"regime_targets.*{message}"):
+            jobs("c", ["pure"], bad)
+    grid = {**PURE, "policies": {**PURE["policies"], "eval_every": None, "target_return": None,
+                                 "regime_targets": {"cartpole": {"pure-eps-40": 20.0}}}}
+    with pytest.raises(GridError, match="regime_targets for cartpole needs eval_every"):
+        load_grid(write_grid(grid, "d.yaml"))
+
+
 def test_nearest_policy_agent_for_the_papers_test_agents():
     assert nearest_policy_agent(get_env("mountaincar"), get_env("mountaincar").test_agents).tolist() == [0, 0, 1, 3, 4]
     # (length, force): (.5,2)->(.5,6) (.5,10)->(.5,10) (.5,18)->(.5,14) (.85,10)->(.675,10) (.15,10)->(.325,10)
@@ -176,3 +210,26 @@ def test_stage_trains_caches_and_retrains_on_a_changed_budget(ray_cluster, write
     expected = 0.4 * (1 - 1 / family.n_actions)  # a random action equals the greedy one half the time
     sigma = np.sqrt(expected * (1 - expected) / len(noisy))
     assert abs(differs - expected) < 5 * sigma + 0.02
+
+
+def test_a_regimes_own_policies_are_scored_noisy_and_make_its_data(ray_cluster, write_grid, tmp_path):
+    grid = load_grid(write_grid({**PURE, "policies": {**PURE["policies"], "target_rule": "first",
+                                                      "regime_targets": {"cartpole": {"pure-eps-40": 1e9}}}}))
+    root, family = tmp_path / "policies", get_env("cartpole")
+    headers = {job.label: (job, header) for job, header in train_policies(grid, root, progress=False).items()}
+    for i in range(5):
+        (job, own), (_, shared) = headers[f"logging-pure-eps-40-{i}"], headers[f"logging-{i}"]
+        assert own["score_epsilon"] == 0.4 and shared["score_epsilon"] == 0.0
+        # a target nothing reaches: the whole run, the best checkpoint under 40% random actions
+        steps, returns = map(list, zip(*own["checkpoints"]))
+        assert steps == list(range(100, job.budget + 1, 100))
+        assert own["chosen_checkpoint"] == max(range(len(returns)), key=lambda k: (returns[k], k))
+        net = load_policy(job.path(root))[0]
+        noisy = evaluate_policy(family, job.covariates, net, job.eval_episodes, np.random.default_rng([job.seed, 3]), 0.4)
+        assert noisy.mean() == pytest.approx(returns[own["chosen_checkpoint"]])
+        greedy = evaluate_policy(family, job.covariates, net, job.eval_episodes, np.random.default_rng([job.seed, 3]))
+        assert greedy.mean() != pytest.approx(noisy.mean())        # the score really was taken with noise
+    plans = {plan.regime: plan for plan in dataset_plans(grid, root)}
+    assert plans["pure-eps-40"].policy_paths == tuple(str(headers[f"logging-pure-eps-40-{i}"][0].path(root))
+                                                      for i in range(5))
+    assert plans["pure"].policy_paths == tuple(str(headers[f"logging-{i}"][0].path(root)) for i in range(5))

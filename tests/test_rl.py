@@ -148,6 +148,20 @@ def test_checkpoint_nearest_the_target_is_kept():
     assert rescored == pytest.approx(returns[first])
 
 
+def test_evaluation_with_epsilon_one_ignores_the_policy():
+    family, covariates = get_env("cartpole"), (0.5, 10.0)
+    torch.manual_seed(0)
+    nets = [PolicyNet(family.obs_dim, family.n_actions, [8], discrete=True) for _ in range(2)]
+
+    def returns(net, epsilon):
+        return evaluate_policy(family, covariates, net, 16, np.random.default_rng(5), epsilon)
+
+    np.testing.assert_array_equal(returns(nets[0], 1.0), returns(nets[1], 1.0))   # every action random
+    assert not np.array_equal(returns(nets[0], 0.0), returns(nets[0], 0.5))
+    with pytest.raises(ValueError, match="score_epsilon must be in"):
+        train_policy("cartpole", covariates, "dqn", budget=100, seed=0, hidden=[8], score_epsilon=1.5)
+
+
 def test_explicit_cpu_device_is_the_default():
     def run(device):
         net, info = train_policy("cartpole", (0.5, 10.0), "dqn", budget=300, seed=1, hidden=[16], n_envs=4,

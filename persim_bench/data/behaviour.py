@@ -7,6 +7,7 @@ import numpy as np
 
 from persim_bench.data.policies import NearestAgentPolicy  # policies never imports behaviour
 from persim_bench.envs.base import EnvFamily
+from persim_bench.specs import REGIME_EPSILON
 
 
 class BehaviourPolicy(Protocol):
@@ -27,8 +28,7 @@ class RandomPolicy:
 class EpsilonMixture:
     """With probability ``epsilon`` a uniform random action, else the base policy's (``pure-eps-*``).
 
-    The coin is tossed per agent and step; both draws are made for every row so the random
-    stream does not depend on the base policy's output.
+    The coin is tossed per agent and step (``EnvFamily.epsilon_actions``).
     """
 
     def __init__(self, base: BehaviourPolicy, family: EnvFamily, epsilon: float):
@@ -37,11 +37,7 @@ class EpsilonMixture:
         self.base, self.family, self.epsilon = base, family, epsilon
 
     def act(self, obs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        chosen = np.asarray(self.base.act(obs, rng))
-        explore = rng.random(len(obs)) < self.epsilon
-        random = self.family.random_actions(rng, len(obs))
-        mask = explore if chosen.ndim == 1 else explore[:, None]
-        return np.where(mask, random, chosen).astype(chosen.dtype)
+        return self.family.epsilon_actions(np.asarray(self.base.act(obs, rng)), self.epsilon, rng)
 
 
 class HeuristicController:
@@ -70,9 +66,6 @@ PREDICTION_POLICY_NAME = "heuristic-eps10"
 def prediction_policy(family: EnvFamily, seed: int = 0) -> BehaviourPolicy:
     """The policy whose actions drive the prediction-error test (never used to make training data)."""
     return EpsilonMixture(HeuristicController(family, seed), family, 0.1)
-
-
-REGIME_EPSILON = {"pure": 0.0, "pure-eps-20": 0.2, "pure-eps-40": 0.4}
 
 
 def regime_policy(family: EnvFamily, regime: str, covariates: np.ndarray, logging_nets: list) -> BehaviourPolicy:

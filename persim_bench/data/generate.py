@@ -76,7 +76,7 @@ def dataset_plans(grid: Grid, policy_root: Path | None) -> list[DatasetPlan]:
         raise ValueError("the pure* regimes need the logging policies: pass policy_root (see train_policies)")
     return [
         DatasetPlan(env, regime, grid.seed, grid.data.n_agents, grid.data.episode_steps(env), grid.data.agents_per_shard,
-                    () if regime == "random" else tuple(map(str, logging_policy_paths(policy_root, grid, env))))
+                    () if regime == "random" else tuple(map(str, logging_policy_paths(policy_root, grid, env, regime))))
         for env in grid.envs
         for regime in grid.regimes
     ]

@@ -4,7 +4,8 @@ A policy file holds a JSON-able header and a dict of tensors, written atomically
 ``torch.save`` and read back with ``torch.load(weights_only=True)``: no pickled objects. The
 header says what made the policy (env, covariates, algorithm, budget, seed, checkpoint
 settings) and what it achieved: its return, and every checkpoint evaluated while training as
-[env steps, greedy return] with the index of the one kept (``chosen_checkpoint``).
+[env steps, return] with the index of the one kept (``chosen_checkpoint``); returns are greedy
+unless the header's ``score_epsilon`` says the policy was scored acting as a pure-eps-* regime.
 ``load_policy`` refuses a file whose header or tensors do not match what is asked.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 import persim_bench
-from persim_bench.specs import per_env
+from persim_bench.specs import REGIME_EPSILON, per_env
 from persim_bench.data.dataset import atomic_write
 from persim_bench.data.policy_net import PolicyNet  # re-exported: its old home
 from persim_bench.data.rl import train_policy
@@ -41,11 +42,11 @@ class PolicyError(BenchError):
 
 def policy_key(env: str, role: str, covariates, algorithm: str, budget: int, seed: int, hidden: list[int],
                eval_every: int | None = None, eval_episodes: int = 10, target_return: float | None = None,
-               target_rule: str = "nearest") -> str:
+               target_rule: str = "nearest", score_epsilon: float = 0.0) -> str:
     """Content hash of everything that determines a trained policy: its cache file name.
 
-    The checkpoint settings enter only when checkpoints are taken, so a policy trained without
-    them keeps the key it had before they existed.
+    The checkpoint settings enter only when checkpoints are taken, and ``score_epsilon`` only when
+    it is not 0, so a policy keeps the key it had before these settings existed.
     """
     spec = {"env": env, "role": role, "covariates": [round(float(c), 10) for c in covariates],
             "algorithm": algorithm, "budget": int(budget), "seed": int(seed), "hidden": list(hidden),
@@ -54,6 +55,8 @@ def policy_key(env: str, role: str, covariates, algorithm: str, budget: int, see
         spec["checkpoints"] = {"eval_every": eval_every, "eval_episodes": int(eval_episodes),
                                "target_return": None if target_return is None else float(target_return),
                                "target_rule": target_rule if target_return is not None else None}
+        if score_epsilon:
+            spec["checkpoints"]["score_epsilon"] = float(score_epsilon)
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -125,9 +128,18 @@ class NearestAgentPolicy:
 # ---------------------------------------------------------------- the policies stage
 
 
+def policy_label(header: dict) -> str:
+    """A policy's role, its regime if it has one of its own, and its index (from a job or a file header)."""
+    return "-".join(str(part) for part in (header["role"], header.get("regime"), header["index"]) if part is not None)
+
+
 @dataclass(frozen=True)
 class PolicyJob:
-    """One policy to train: a logging policy of a policy-training agent, or an env's test policy."""
+    """One policy to train: a logging policy of a policy-training agent, or an env's test policy.
+
+    A logging policy with a ``regime`` is that pure* regime's own (``PolicySpec.regime_targets``),
+    scored acting as the regime acts; without one it serves every other pure* regime of its env.
+    """
 
     env: str
     role: str                      # "logging" or "test"
@@ -142,20 +154,27 @@ class PolicyJob:
     eval_episodes: int = 10
     target_return: float | None = None     # keep the checkpoint nearest it (None: the best); logging only
     target_rule: str = "nearest"           # or "first": the first checkpoint reaching the target
+    regime: str | None = None              # the pure* regime whose own policy this is (logging only)
+    score_epsilon: float = 0.0             # checkpoints scored with this chance of a random action
 
     @property
     def key(self) -> str:
         return policy_key(self.env, self.role, self.covariates, self.algorithm, self.budget, self.seed, list(self.hidden),
-                          self.eval_every, self.eval_episodes, self.target_return, self.target_rule)
+                          self.eval_every, self.eval_episodes, self.target_return, self.target_rule, self.score_epsilon)
+
+    @property
+    def label(self) -> str:
+        """``logging-2``, ``logging-pure-eps-40-2``, ``test-0``: the policy in file names and tables."""
+        return policy_label(asdict(self))
 
     def path(self, root: Path) -> Path:
-        return Path(root) / self.env / f"{self.role}-{self.index}-{self.key}.pt"
+        return Path(root) / self.env / f"{self.label}-{self.key}.pt"
 
 
 def policy_jobs(grid: Grid) -> list[PolicyJob]:
     """The logging policies the grid's pure* regimes need and the test policies its prediction test needs."""
     spec, jobs = grid.policies, []
-    needs_logging = any(regime != "random" for regime in grid.regimes)
+    noisy_regimes = [regime for regime in grid.regimes if regime in REGIME_EPSILON]
     needs_test = grid.evaluation.prediction_policy == "trained" and grid.tests_predictions()
     for env in grid.envs:
         family = get_env(env)
@@ -163,11 +182,16 @@ def policy_jobs(grid: Grid) -> list[PolicyJob]:
         # Seeds differ per policy so no two policies share exploration noise.
         common = dict(env=env, algorithm=algorithm, hidden=tuple(spec.hidden), n_envs=spec.n_envs,
                       eval_every=spec.checkpoint_every(env), eval_episodes=spec.eval_episodes)
-        if needs_logging:
+        own = {regime: spec.regime_target(env, regime) for regime in noisy_regimes}
+        # (regime, target, score epsilon) of each set of logging policies: shared ones first.
+        sets = [(None, spec.target(env), 0.0)] if None in own.values() else []
+        sets += [(regime, target, REGIME_EPSILON[regime]) for regime, target in own.items() if target is not None]
+        for regime, target, score_epsilon in sets:
             for i, covariates in enumerate(family.policy_agents):
                 jobs.append(PolicyJob(role="logging", index=i, covariates=tuple(covariates),
                                       budget=per_env(spec.budget, env), seed=spec.seed + i,
-                                      target_return=spec.target(env), target_rule=spec.target_rule, **common))
+                                      target_return=target, target_rule=spec.target_rule, regime=regime,
+                                      score_epsilon=score_epsilon, **common))
         if needs_test:  # the test policy keeps its best checkpoint: no target
             jobs.append(PolicyJob(role="test", index=0, covariates=tuple(family.default_covariates),
                                   budget=per_env(spec.test_budget, env), seed=spec.seed + 100, **common))
@@ -181,7 +205,8 @@ def _train_task(job: PolicyJob, path: str) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     net, metrics = train_policy(job.env, job.covariates, job.algorithm, job.budget, job.seed, list(job.hidden),
                                 n_envs=job.n_envs, eval_episodes=job.eval_episodes, eval_every=job.eval_every,
-                                target_return=job.target_return, target_rule=job.target_rule, device=device)
+                                target_return=job.target_return, target_rule=job.target_rule,
+                                score_epsilon=job.score_epsilon, device=device)
     header = {**asdict(job), "covariates": list(job.covariates), "hidden": list(job.hidden), "key": job.key,
               "package_version": persim_bench.__version__, **metrics}
     save_policy(net, header, Path(path))
@@ -207,14 +232,16 @@ def train_policies(grid: Grid, root: Path, progress: bool = True) -> dict[Policy
                 done, pending = ray.wait(pending, num_returns=1)
                 job = futures[done[0]]
                 headers[job] = ray.get(done[0])
-                bar.set_postfix_str(f"{job.env} {job.role}-{job.index}: {headers[job]['achieved_return']:.1f}")
+                bar.set_postfix_str(f"{job.env} {job.label}: {headers[job]['achieved_return']:.1f}")
                 bar.update()
     return headers
 
 
-def logging_policy_paths(root: Path, grid: Grid, env: str) -> list[Path]:
-    """Paths of an env's logging policies, in policy-agent order (they must have been trained)."""
-    return [job.path(root) for job in policy_jobs(grid) if job.env == env and job.role == "logging"]
+def logging_policy_paths(root: Path, grid: Grid, env: str, regime: str) -> list[Path]:
+    """Paths of the logging policies of an env's pure* regime, in policy-agent order (they must have been trained)."""
+    own = regime if grid.policies.regime_target(env, regime) is not None else None
+    return [job.path(root) for job in policy_jobs(grid)
+            if job.env == env and job.role == "logging" and job.regime == own]
 
 
 def prediction_policy_path(root: Path, grid: Grid, env: str) -> Path:

@@ -5,7 +5,8 @@ here share one collection loop: ``n_envs`` copies of the agent in one ``BatchSim
 the env's horizon, and a time-major replay buffer. Every random draw comes from ``seed``.
 
 Checkpoints: every ``eval_every`` env steps (and at the end) the greedy policy is scored on its own
-agent (``eval_episodes`` episodes stepped as one batch) and its weights are kept in memory; the
+agent (``eval_episodes`` episodes stepped as one batch; with ``score_epsilon`` > 0 acting as a
+pure-eps-* regime does, a uniform random action with that probability) and its weights are kept in memory; the
 policy returned is the checkpoint whose score is nearest ``target_return`` or, with
 ``target_rule="first"``, the first to reach it (early stopping: the paper's logging policies are
 "trained to achieve" a return and are not optimal, Table 8); the best one without a target.
@@ -249,14 +250,19 @@ ALGORITHMS = {"dqn": _DQN, "td3": _TD3}
 
 
 def evaluate_policy(family: EnvFamily, covariates, net: PolicyNet, episodes: int,
-                    rng: np.random.Generator) -> np.ndarray:
-    """Greedy returns of ``episodes`` episodes of one agent, run as one batch capped at the horizon."""
+                    rng: np.random.Generator, epsilon: float = 0.0) -> np.ndarray:
+    """Returns of ``episodes`` episodes of one agent, run as one batch capped at the horizon.
+
+    The policy acts greedily; with ``epsilon`` > 0 each action is replaced by a uniform random one
+    with that probability (``EnvFamily.epsilon_actions``).
+    """
     sim = family.batch(np.repeat(np.asarray([covariates], dtype=np.float64), episodes, axis=0))
     obs = sim.reset(rng)
     total = np.zeros(episodes)
     alive = np.ones(episodes, bool)
     for _ in range(family.horizon):
-        obs, reward, terminated = sim.step(net.act(obs))
+        action = net.act(obs)
+        obs, reward, terminated = sim.step(family.epsilon_actions(action, epsilon, rng) if epsilon else action)
         total += np.where(alive, reward, 0.0)
         alive &= ~terminated
         if not alive.any():
@@ -269,7 +275,7 @@ class Checkpoint:
     """The greedy policy at one point of training: when, its score on its own agent, its weights (CPU)."""
 
     steps: int
-    greedy_return: float
+    scored_return: float           # mean return on its own agent, acting at the run's score_epsilon
     state: dict[str, torch.Tensor]
 
 
@@ -294,7 +300,7 @@ def select_checkpoint(returns, target: float | None, rule: str = "nearest") -> i
 
 def train_policy(env: str, covariates, algorithm: str, budget: int, seed: int, hidden: list[int],
                  n_envs: int = 8, eval_episodes: int = 10, on_progress=None, eval_every: int | None = None,
-                 target_return: float | None = None, target_rule: str = "nearest",
+                 target_return: float | None = None, target_rule: str = "nearest", score_epsilon: float = 0.0,
                  device: str | torch.device = "cpu") -> tuple[PolicyNet, dict]:
     """Train a policy online on one agent for ``budget`` env steps (summed over ``n_envs`` copies).
 
@@ -303,13 +309,15 @@ def train_policy(env: str, covariates, algorithm: str, budget: int, seed: int, h
     ``eval_episodes`` episodes of its own agent (one batch, the same start states every time) and
     kept as a checkpoint; ``eval_every=None`` keeps the final policy only. The checkpoint returned
     is the one nearest ``target_return`` (``target_rule="first"``: the first to reach it), or the
-    best one when it is None (``select_checkpoint``).
+    best one when it is None (``select_checkpoint``). A checkpoint's score is its greedy return, or
+    with ``score_epsilon`` > 0 its return when a random action replaces the greedy one with that
+    probability (a logging policy chosen for a pure-eps-* regime's data quality).
 
     With ``target_rule="first"`` training stops at the first checkpoint reaching the target (the
     later ones could not be chosen), so ``env_steps`` may be less than the budget.
 
     Returns that greedy network, on the CPU in eval mode, and a summary: its mean/std return over
-    ``eval_episodes`` fresh episodes, wall time, env steps taken, gradient updates, the
+    ``eval_episodes`` fresh episodes (scored the same way), wall time, env steps taken, gradient updates, the
     ``checkpoints`` evaluated as [env steps, greedy return] and the index of the ``chosen_checkpoint``.
     Networks, replay and updates run on ``device``; the envs on the CPU.
     ``on_progress(steps_done, metrics)`` is called about every 5% of the budget.
@@ -327,6 +335,8 @@ def train_policy(env: str, covariates, algorithm: str, budget: int, seed: int, h
         raise ValueError(f"budget ({budget}) must be at least n_envs ({n_envs})")
     if target_rule not in TARGET_RULES:
         raise ValueError(f"unknown target_rule {target_rule!r}; known: {', '.join(TARGET_RULES)}")
+    if not 0.0 <= score_epsilon <= 1.0:
+        raise ValueError(f"score_epsilon must be in [0, 1], got {score_epsilon}")
     if eval_every is not None and eval_every < 1:
         raise ValueError(f"eval_every must be a positive number of env steps or None, got {eval_every}")
     device = torch.device(device)
@@ -359,9 +369,9 @@ def train_policy(env: str, covariates, algorithm: str, budget: int, seed: int, h
     def checkpoint(steps_done: int) -> None:
         """Score the greedy policy on fresh copies of the agent (same start states each time) and keep it."""
         net = learner.policy()
-        greedy = evaluate_policy(family, covariates, net, eval_episodes, np.random.default_rng([seed, 3]))
+        scored = evaluate_policy(family, covariates, net, eval_episodes, np.random.default_rng([seed, 3]), score_epsilon)
         state = {name: tensor.detach().to("cpu", copy=True) for name, tensor in net.state_dict().items()}
-        checkpoints.append(Checkpoint(steps_done, float(greedy.mean()), state))
+        checkpoints.append(Checkpoint(steps_done, float(scored.mean()), state))
 
     for iteration in range(1, iterations + 1):
         steps = (iteration - 1) * n_envs
@@ -387,7 +397,7 @@ def train_policy(env: str, covariates, algorithm: str, budget: int, seed: int, h
         reached = False
         if (checkpoint_every is not None and iteration % checkpoint_every == 0) or iteration == iterations:
             checkpoint(iteration * n_envs)
-            reached = stop_early and checkpoints[-1].greedy_return >= target_return
+            reached = stop_early and checkpoints[-1].scored_return >= target_return
 
         if on_progress is not None and (iteration % report_every == 0 or iteration == iterations or reached):
             # Training returns include exploration (ez-greedy's long random runs topple CartPole),
@@ -402,13 +412,13 @@ def train_policy(env: str, covariates, algorithm: str, budget: int, seed: int, h
         if reached:     # early stopping: the first checkpoint to reach the target is the one kept
             break
 
-    chosen = select_checkpoint([c.greedy_return for c in checkpoints], target_return, target_rule)
+    chosen = select_checkpoint([c.scored_return for c in checkpoints], target_return, target_rule)
     net = copy.deepcopy(learner.policy()).cpu().eval()
     net.load_state_dict(checkpoints[chosen].state)
     train_seconds = time.perf_counter() - start
-    returns = evaluate_policy(family, covariates, net, eval_episodes, np.random.default_rng([seed, 2]))
+    returns = evaluate_policy(family, covariates, net, eval_episodes, np.random.default_rng([seed, 2]), score_epsilon)
     return net, {"achieved_return": float(returns.mean()), "achieved_return_std": float(returns.std()),
                  "train_seconds": train_seconds, "env_steps": checkpoints[-1].steps,
                  "updates": learner.updates, "device": str(device),
-                 "checkpoints": [[c.steps, c.greedy_return] for c in checkpoints], "chosen_checkpoint": chosen,
-                 "target_return": target_return, "target_rule": target_rule}
+                 "checkpoints": [[c.steps, c.scored_return] for c in checkpoints], "chosen_checkpoint": chosen,
+                 "target_return": target_return, "target_rule": target_rule, "score_epsilon": score_epsilon}

@@ -103,6 +103,17 @@ class EnvFamily(ABC):
             return rng.integers(0, self.n_actions, size=n, dtype=np.int64)
         return rng.uniform(-1.0, 1.0, size=(n, self.action_dim)).astype(np.float32)
 
+    def epsilon_actions(self, chosen: np.ndarray, epsilon: float, rng: np.random.Generator) -> np.ndarray:
+        """``chosen`` with each row replaced by a uniform random action with probability ``epsilon``.
+
+        The coin and the random action are drawn for every row, so the random stream does not
+        depend on ``chosen``: the pure-eps-* regimes and the checkpoints scored under them.
+        """
+        explore = rng.random(len(chosen)) < epsilon
+        random = self.random_actions(rng, len(chosen))
+        mask = explore if chosen.ndim == 1 else explore[:, None]
+        return np.where(mask, random, chosen).astype(chosen.dtype)
+
     def sample_covariates(self, rng: np.random.Generator, n: int) -> np.ndarray:
         """n agents drawn uniformly from the covariate box, float64 [n, C]."""
         return rng.uniform(self.covariate_low, self.covariate_high, size=(n, len(self.covariate_names)))

@@ -18,6 +18,7 @@ from persim_bench.analysis.tabular import save_figure, to_markdown, write_table
 from persim_bench.algos.registry import ALGORITHMS
 from persim_bench.config import Grid
 from persim_bench.data.dataset import DatasetError, read_dataset
+from persim_bench.data.policies import policy_label
 from persim_bench.envs import get_env
 from persim_bench.orchestration.rank_cv import rank_cv_figure, rank_cv_table
 from persim_bench.orchestration.tracking import grid_experiment, latest_trial_runs, newest_parent_run
@@ -172,12 +173,13 @@ def dataset_table(grid: Grid, data_root: Path) -> dict:
 
 
 def policy_table(headers: dict) -> dict:
-    rows = [[h["env"], f"{h['role']}-{h['index']}", ", ".join(f"{c:g}" for c in h["covariates"]), h["algorithm"],
+    rows = [[h["env"], policy_label(h), ", ".join(f"{c:g}" for c in h["covariates"]), h["algorithm"],
              f"{h.get('env_steps', h['budget']):,} of {h['budget']:,}", _chosen(h),
              f"{h['achieved_return']:.4g} +- {h['achieved_return_std']:.3g}", f"{h['train_seconds']:.0f}"]
-            for h in sorted(headers.values(), key=lambda h: (h["env"], h["role"], h["index"]))]
-    return {"title": "Trained policies: return of the greedy policy on its own agent (the checkpoint kept: its "
-                     "env steps and greedy return when chosen, and the target it was chosen for)",
+            for h in sorted(headers.values(), key=lambda h: (h["env"], h["role"], h.get("regime") or "", h["index"]))]
+    return {"title": "Trained policies: return on its own agent, greedy (a regime's own logging policy: acting "
+                     "as the regime acts) (the checkpoint kept: its env steps and return when chosen, and the "
+                     "target it was chosen for)",
             "columns": ["env", "policy", "covariates", "algorithm", "env steps of budget", "checkpoint kept",
                         "achieved return", "train s"],
             "rows": rows}
