@@ -11,8 +11,8 @@ import persim_bench
 from persim_bench.config import GridError, load_grid
 from persim_bench.data.dataset import read_dataset
 from persim_bench.data.generate import dataset_plans, generate_datasets
-from persim_bench.data.policies import (PolicyError, load_policy, logging_policy_paths, nearest_policy_agent,
-                                        policy_jobs, save_policy, train_policies)
+from persim_bench.data.policies import (PolicyError, ProgressLines, load_policy, logging_policy_paths,
+                                        nearest_policy_agent, policy_jobs, save_policy, train_policies)
 from persim_bench.data.policy_net import PolicyNet
 from persim_bench.data.rl import evaluate_policy
 from persim_bench.envs import get_env
@@ -135,6 +135,19 @@ def test_regime_targets_give_a_regime_logging_policies_of_its_own(write_grid):
                                  "regime_targets": {"cartpole": {"pure-eps-40": 20.0}}}}
     with pytest.raises(GridError, match="regime_targets for cartpole needs eval_every"):
         load_grid(write_grid(grid, "d.yaml"))
+
+
+def test_progress_lines_are_rate_limited(write_grid, capsys):
+    job = policy_jobs(load_grid(write_grid(PURE)))[0]
+    now = [0.0]
+    progress = ProgressLines(job, every=60.0, clock=lambda: now[0])
+    metrics = {"greedy_return": 12.5, "seconds": 30.0}
+    progress(20, metrics)                      # too soon after the start
+    now[0] = 61.0
+    progress(40, {**metrics, "seconds": 61.0})
+    now[0] = 100.0
+    progress(60, metrics)                      # too soon after the last line
+    assert capsys.readouterr().out == "cartpole logging-0: 40 of 400 env steps, greedy return 12.5, 61 s\n"
 
 
 def test_nearest_policy_agent_for_the_papers_test_agents():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -198,6 +199,24 @@ def policy_jobs(grid: Grid) -> list[PolicyJob]:
     return jobs
 
 
+class ProgressLines:
+    """``train_policy``'s progress callback for one job: a line at most every ``every`` seconds.
+
+    Ray forwards a task's prints to the driver, so a user watching a 45-minute HalfCheetah policy
+    sees it move; a policy trained in seconds prints nothing.
+    """
+
+    def __init__(self, job: PolicyJob, every: float = 60.0, clock=time.monotonic):
+        self.job, self.every, self.clock = job, every, clock
+        self.last = clock()
+
+    def __call__(self, steps: int, metrics: dict) -> None:
+        if self.clock() - self.last >= self.every:
+            self.last = self.clock()
+            print(f"{self.job.env} {self.job.label}: {steps:,} of {self.job.budget:,} env steps, "
+                  f"greedy return {metrics['greedy_return']:.1f}, {metrics['seconds']:.0f} s", flush=True)
+
+
 @ray.remote(num_cpus=1)
 def _train_task(job: PolicyJob, path: str) -> dict:
     torch.set_num_threads(1)
@@ -206,7 +225,7 @@ def _train_task(job: PolicyJob, path: str) -> dict:
     net, metrics = train_policy(job.env, job.covariates, job.algorithm, job.budget, job.seed, list(job.hidden),
                                 n_envs=job.n_envs, eval_episodes=job.eval_episodes, eval_every=job.eval_every,
                                 target_return=job.target_return, target_rule=job.target_rule,
-                                score_epsilon=job.score_epsilon, device=device)
+                                score_epsilon=job.score_epsilon, on_progress=ProgressLines(job), device=device)
     header = {**asdict(job), "covariates": list(job.covariates), "hidden": list(job.hidden), "key": job.key,
               "package_version": persim_bench.__version__, **metrics}
     save_policy(net, header, Path(path))
