@@ -6,8 +6,8 @@ the env's horizon, and a time-major replay buffer. Every random draw comes from 
 
 Checkpoints: every ``eval_every`` env steps (and at the end) the greedy policy is scored on its own
 agent (``eval_episodes`` episodes stepped as one batch; with ``score_epsilon`` > 0 acting as a
-pure-eps-* regime does, a uniform random action with that probability) and its weights are kept in memory; the
-policy returned is the checkpoint whose score is nearest ``target_return`` or, with
+pure-eps-* regime does, a uniform random action with that probability) and its weights are kept
+in memory; the policy returned is the checkpoint whose score is nearest ``target_return`` or, with
 ``target_rule="first"``, the first to reach it (early stopping: the paper's logging policies are
 "trained to achieve" a return and are not optimal, Table 8); the best one without a target.
 
@@ -317,8 +317,8 @@ def train_policy(env: str, covariates, algorithm: str, budget: int, seed: int, h
     later ones could not be chosen), so ``env_steps`` may be less than the budget.
 
     Returns that greedy network, on the CPU in eval mode, and a summary: its mean/std return over
-    ``eval_episodes`` fresh episodes (scored the same way), wall time, env steps taken, gradient updates, the
-    ``checkpoints`` evaluated as [env steps, greedy return] and the index of the ``chosen_checkpoint``.
+    ``eval_episodes`` fresh episodes (scored the same way), wall time, env steps taken, gradient
+    updates, the ``checkpoints`` evaluated as [env steps, score] and the index of the ``chosen_checkpoint``.
     Networks, replay and updates run on ``device``; the envs on the CPU.
     ``on_progress(steps_done, metrics)`` is called about every 5% of the budget.
     """
