@@ -158,7 +158,8 @@ class MPCPlanner:
         plan = actions.reshape(rows, h, *actions.shape[3:])
         total = torch.zeros(m, rows, device=obs.device)
         alive = torch.ones(m, rows, dtype=torch.bool, device=obs.device)
-        furthest = torch.full((m, rows), -torch.inf, device=obs.device)
+        # The furthest position of the imagined trajectory, its start included (authors' code).
+        furthest = family.shaping_value(state) if family.shaping_weight else None
         discount = 1.0
         for t in range(h):
             action = plan[:, t]

@@ -71,6 +71,19 @@ def test_members_are_aggregated_by_min_or_mean(aggregate, expected_best):
     assert int(scores.argmax()) == expected_best
 
 
+def test_the_planning_bonus_counts_the_start_position():
+    # The bonus is the furthest x of the imagined trajectory, its start included (authors' code):
+    # plans that only fall back from the start earn the start's x, however far they fall, so the
+    # planner is free to swing back for energy; a plan that rises earns its new height.
+    family = get_env("mountaincar")
+    model = _Lookup([[0.1, -0.1, -0.01], [0.1, -0.1, -0.01]])     # actions: rise, fall far, fall a little
+    planner = MPCPlanner(family, model, PlannerSpec(gamma=1.0, elites=3, candidates=3), seed=0)
+    candidates = torch.tensor([1, 2, 0]).reshape(1, 3, 1)
+    scores = planner.score(torch.tensor([[0.3, 0.0]]), torch.tensor([0]), candidates)[0]
+    expected = torch.tensor([-1 + 0.01 * 0.3, -1 + 0.01 * 0.3, -1 + 0.01 * 0.4])
+    torch.testing.assert_close(scores, expected)
+
+
 def test_prediction_error_of_the_true_model_is_zero_and_of_a_wrong_agent_is_not():
     family = get_env("cartpole")
     covariates = np.asarray(family.test_agents)

@@ -54,9 +54,11 @@ class EnvFamily(ABC):
     default_covariates: tuple[float, ...]
     test_agents: tuple[tuple[float, ...], ...]     # agents 0-4 of every dataset
     policy_agents: tuple[tuple[float, ...], ...]   # agents the logging policies are trained on
-    # Planning-only bonus: weight * the largest shaping_value(s') along an imagined rollout. The
-    # authors' MountainCar planner adds 0.01 * the furthest position reached, without which a
-    # 50-step horizon rarely sees the sparse goal; 0 for the other envs.
+    # Planning-only bonus: weight * the largest shaping_value(s) along an imagined rollout, its
+    # start state included. The authors' MountainCar planner adds 0.01 * the furthest position of
+    # the trajectory, without which a 50-step horizon rarely sees the sparse goal; 0 for the other
+    # envs. Counting the start matters: with future states only, a plan that holds the car high
+    # on the right slope beats one that swings it back to gain energy.
     shaping_weight: float = 0.0
     # The box the env itself keeps its states in (gym's MountainCar clips position and velocity);
     # None where states are unbounded. Learned models may be held to it (``clip_state``).
