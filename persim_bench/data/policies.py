@@ -129,9 +129,9 @@ class NearestAgentPolicy:
 # ---------------------------------------------------------------- the policies stage
 
 
-def policy_label(header: dict) -> str:
-    """A policy's role, its regime if it has one of its own, and its index (from a job or a file header)."""
-    return "-".join(str(part) for part in (header["role"], header.get("regime"), header["index"]) if part is not None)
+def policy_label(role: str, regime: str | None, index: int) -> str:
+    """A policy's role, its regime if it has one of its own, and its index: ``logging-pure-eps-40-2``."""
+    return "-".join(str(part) for part in (role, regime, index) if part is not None)
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,7 @@ class PolicyJob:
     @property
     def label(self) -> str:
         """``logging-2``, ``logging-pure-eps-40-2``, ``test-0``: the policy in file names and tables."""
-        return policy_label(asdict(self))
+        return policy_label(self.role, self.regime, self.index)
 
     def path(self, root: Path) -> Path:
         return Path(root) / self.env / f"{self.label}-{self.key}.pt"
@@ -211,8 +211,9 @@ class ProgressLines:
         self.last = clock()
 
     def __call__(self, steps: int, metrics: dict) -> None:
-        if self.clock() - self.last >= self.every:
-            self.last = self.clock()
+        now = self.clock()
+        if now - self.last >= self.every:
+            self.last = now
             print(f"{self.job.env} {self.job.label}: {steps:,} of {self.job.budget:,} env steps, "
                   f"greedy return {metrics['greedy_return']:.1f}, {metrics['seconds']:.0f} s", flush=True)
 

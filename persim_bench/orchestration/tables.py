@@ -173,7 +173,7 @@ def dataset_table(grid: Grid, data_root: Path) -> dict:
 
 
 def policy_table(headers: dict) -> dict:
-    rows = [[h["env"], policy_label(h), ", ".join(f"{c:g}" for c in h["covariates"]), h["algorithm"],
+    rows = [[h["env"], policy_label(h["role"], h.get("regime"), h["index"]), ", ".join(f"{c:g}" for c in h["covariates"]), h["algorithm"],
              f"{h.get('env_steps', h['budget']):,} of {h['budget']:,}", _chosen(h),
              f"{h['achieved_return']:.4g} +- {h['achieved_return_std']:.3g}", f"{h['train_seconds']:.0f}"]
             for h in sorted(headers.values(), key=lambda h: (h["env"], h["role"], h.get("regime") or "", h["index"]))]
