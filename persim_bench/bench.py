@@ -146,7 +146,7 @@ def persim_data(env: str, n_agents: int, steps: int):
     """A random-regime dataset recorded in-process (no Ray): the training input of the model benchmarks."""
     from persim_bench.data.generate import DatasetPlan, record_shard
 
-    plan = DatasetPlan(env, "random", 0, n_agents, steps, n_agents)
+    plan = DatasetPlan(env, "random", "bench", 0, n_agents, steps, n_agents)
     data = record_shard(plan, 0)
     data.covariates = plan.covariates()
     return data

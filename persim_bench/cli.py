@@ -28,6 +28,16 @@ def cmd_data(args) -> None:
     prepare_data(grid, Path(args.results).resolve(), args.workers)
 
 
+def cmd_export(args) -> None:
+    from persim_bench import datasets
+
+    data = datasets.load(args.grid, args.env, args.regime, results=args.results)
+    out = Path(args.out) if args.out else Path(args.results) / "exports" / args.format
+    path = datasets.export(data, args.format, out, force=args.force)
+    print(f"{args.format} export of {data.grid}/{data.env}/{data.regime} ({len(data.transitions):,} transitions, "
+          f"{data.transitions.n_agents} agents) in {path}")
+
+
 def cmd_run(args) -> None:
     grid = load_grid(args.grid).narrowed(args.env, args.regime, args.algo, args.seed)
     results = Path(args.results).resolve()
@@ -99,6 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
     grid_args(data)
     data.add_argument("--workers", type=int, help="Ray actors (default: the grid's data.num_workers, else all CPUs)")
     data.set_defaults(func=cmd_data)
+
+    export = commands.add_parser("export", help="one dataset as a Minari dataset or a D4RL-style HDF5 file")
+    export.add_argument("--grid", required=True, help="grid name in tune_configs/ or a YAML path")
+    export.add_argument("--env", required=True, help="the env of the dataset")
+    export.add_argument("--regime", required=True, help="the data regime of the dataset")
+    export.add_argument("--format", required=True, choices=["minari", "d4rl"], help="minari or d4rl (HDF5)")
+    export.add_argument("--results", default="results", help="results folder holding the datasets (default: ./results)")
+    export.add_argument("--out", help="where to write (default: <results>/exports/<format>); for minari a "
+                                      "datasets root to load with MINARI_DATASETS_PATH")
+    export.add_argument("--force", action="store_true", help="replace an existing export")
+    export.set_defaults(func=cmd_export)
 
     run = commands.add_parser("run", help="the whole grid: datasets -> Tune trials -> MLflow -> tables")
     grid_args(run)

@@ -21,7 +21,8 @@ import torch
 
 from persim_bench.algos.base import ContextualModel, DynamicsModel, Trial, TrialContext
 from persim_bench.data.behaviour import PREDICTION_POLICY_NAME, BehaviourPolicy, EpsilonMixture, prediction_policy
-from persim_bench.data.dataset import DatasetError, Transitions, read_dataset
+from persim_bench.data.dataset import DatasetError, Transitions, dataset_dir, read_dataset
+from persim_bench.data.generate import dataset_plan
 from persim_bench.data.policies import load_policy, prediction_policy_path
 from persim_bench.envs import get_env
 from persim_bench.envs.base import EnvFamily
@@ -240,11 +241,11 @@ def record_model_cost(model: CountingModel, family: EnvFamily, ctx: TrialContext
 def load_trial_data(trial: Trial, ctx: TrialContext) -> Transitions:
     """The trial's dataset, through the one reader, checked to start with the paper's test agents."""
     with timed(ctx, "load"):
-        data = read_dataset(ctx.data_root, trial.env, trial.regime)
+        data = read_dataset(ctx.data_root, dataset_plan(ctx.grid, trial.env, trial.regime, ctx.policy_root))
     family = get_env(trial.env)
     if not np.allclose(data.covariates[: len(family.test_agents)], family.test_agents):
-        raise DatasetError(f"{ctx.data_root}/{trial.env}/{trial.regime}: the dataset's agents 0-4 are not the "
-                           f"paper's test agents")
+        raise DatasetError(f"{dataset_dir(ctx.data_root, trial.env, trial.regime)}: the dataset's agents 0-4 are "
+                           f"not the paper's test agents")
     return data
 
 

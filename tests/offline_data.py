@@ -12,7 +12,7 @@ from persim_bench.evaluate import episode_rewards
 
 
 def recorded(env: str, n_agents: int, steps: int, seed: int = 0, regime: str = "random") -> Transitions:
-    plan = DatasetPlan(env=env, regime=regime, seed=seed, n_agents=n_agents, episode_steps=steps,
+    plan = DatasetPlan(env=env, regime=regime, grid="test", seed=seed, n_agents=n_agents, episode_steps=steps,
                        agents_per_shard=n_agents)
     return record_shard(plan, 0)  # the dataset generator's own code path, one shard for all agents
 

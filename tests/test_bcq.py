@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from persim_bench.algos.bcq import BCQSpec, make_bcq, act_with_more_samples
-from persim_bench.algos.d3rlpy_common import fit_policies, to_mdp_dataset
+from persim_bench.algos.d3rlpy_common import fit_policies
+from persim_bench.data.formats import to_mdp_dataset
 from persim_bench.data.dataset import Transitions
 from offline_data import noisy_controller_cartpole, recorded, returns_vs_random
 

@@ -111,7 +111,7 @@ def test_open_loop_copies_inputs_in_and_predictions_out_once():
 def _data(env: str):
     from persim_bench.data.generate import DatasetPlan, record_shard
 
-    return record_shard(DatasetPlan(env=env, regime="random", seed=0, n_agents=6, episode_steps=30, agents_per_shard=6), 0)
+    return record_shard(DatasetPlan(env=env, regime="random", grid="test", seed=0, n_agents=6, episode_steps=30, agents_per_shard=6), 0)
 
 
 def test_fit_cadm_takes_a_device_and_trains_there():

@@ -15,7 +15,7 @@ TINY = PersimSpec(ensemble=3, epochs=2, batch_size=64, state_hidden=[32], action
 
 
 def _recorded(env: str, n_agents: int, steps: int) -> Transitions:
-    plan = DatasetPlan(env=env, regime="random", seed=0, n_agents=n_agents, episode_steps=steps, agents_per_shard=n_agents)
+    plan = DatasetPlan(env=env, regime="random", grid="test", seed=0, n_agents=n_agents, episode_steps=steps, agents_per_shard=n_agents)
     data = record_shard(plan, 0)  # one shard holds every agent
     assert data.n_agents == n_agents and np.array_equal(data.covariates, plan.covariates())
     return data

@@ -6,9 +6,8 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from persim_bench import cli
+from persim_bench import cli, datasets
 from persim_bench.config import GridError, load_grid
-from persim_bench.data.dataset import read_dataset
 
 TINY = {
     "name": "tiny-pipeline",
@@ -76,7 +75,7 @@ def test_run_logs_every_trial_under_one_parent_and_writes_tables(ray_cluster, wr
     artifacts = [a.path for a in client.list_artifacts(parents[0].info.run_id, "tables")]
     assert {"tables/reward_cartpole.md", "tables/datasets.md", "tables/policies.md"} <= set(artifacts)
     table8 = (results / "tiny-pipeline" / "datasets.csv").read_text().splitlines()
-    data = read_dataset(results / "datasets" / "tiny-pipeline", "cartpole", "random")
+    data = datasets.load(grid, "cartpole", "random", results=results).transitions
     assert table8[1].startswith("cartpole,random,") and table8[1].endswith(f",{len(data) / 8:.1f}")
     assert "dqn" in (results / "tiny-pipeline" / "policies.md").read_text()
 
@@ -102,7 +101,7 @@ def test_a_failed_trial_is_recorded_and_the_grid_goes_on(ray_cluster, write_grid
     grid = write_grid({**TINY, "name": "tiny-failing"})
     results = tmp_path / "results"
     cli.main(["run", "--grid", str(grid), "--results", str(results), "--algo", "true_env_mpc"])
-    shard = next((results / "datasets" / "tiny-failing" / "cartpole" / "random").glob("part-*.parquet"))
+    shard = next((results / "datasets" / "tiny-failing" / "cartpole" / "regime=random").glob("part-*.parquet"))
     shard.write_bytes(b"not parquet")  # corrupt the data PerSim needs; True env + MPC needs none
 
     with pytest.raises(SystemExit) as exit_:

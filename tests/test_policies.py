@@ -10,7 +10,7 @@ import torch
 import persim_bench
 from persim_bench.config import GridError, load_grid
 from persim_bench.data.dataset import read_dataset
-from persim_bench.data.generate import dataset_plans, generate_datasets
+from persim_bench.data.generate import dataset_plan, dataset_plans, generate_datasets
 from persim_bench.data.policies import (PolicyError, ProgressLines, load_policy, logging_policy_paths,
                                         nearest_policy_agent, policy_jobs, save_policy, train_policies)
 from persim_bench.data.policy_net import PolicyNet
@@ -210,7 +210,7 @@ def test_stage_trains_caches_and_retrains_on_a_changed_budget(ray_cluster, write
 
     data_root = tmp_path / "datasets"
     generate_datasets(grid, data_root, root, progress=False)
-    pure, noisy = read_dataset(data_root, "cartpole", "pure"), read_dataset(data_root, "cartpole", "pure-eps-40")
+    pure, noisy = (read_dataset(data_root, dataset_plan(grid, "cartpole", regime, root)) for regime in ("pure", "pure-eps-40"))
     family = get_env("cartpole")
     nets = [load_policy(j.path(root))[0] for j in policy_jobs(grid) if j.role == "logging"]
     assignment = nearest_policy_agent(family, pure.covariates)

@@ -12,10 +12,8 @@ the caller's states afterwards.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
-import random
 import shutil
 import time
 from dataclasses import dataclass
@@ -24,12 +22,12 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import structlog
-import torch
 from pydantic import model_validator
 
 from persim_bench.algos.base import Algorithm, Trial, TrialContext
 from persim_bench.costmodel import ACT_SECONDS, STEP_SECONDS, env_step_seconds, mlp_seconds
 from persim_bench.data.dataset import Transitions
+from persim_bench.data.formats import seeded, to_mdp_dataset
 from persim_bench.envs import get_env
 from persim_bench.evaluate import load_trial_data, score_policy
 from persim_bench.specs import PositiveInt, Strict
@@ -59,59 +57,6 @@ class OfflinePolicySpec(Strict):
         if self.steps % self.steps_per_epoch:
             raise ValueError(f"steps ({self.steps}) must be a multiple of steps_per_epoch ({self.steps_per_epoch})")
         return self
-
-
-def to_mdp_dataset(data: Transitions, agents: list[int] | None = None):
-    """The rows of ``agents`` (all rows when None) as d3rlpy episodes, one per trajectory, no transition lost.
-
-    d3rlpy rebuilds (s, a, r, s') from consecutive observation rows: an episode of n rows that
-    ends in a terminal gives n transitions (the terminal's s' is never read), one that ends in a
-    timeout only n - 1 (its last row only serves as the previous row's s'). So a trajectory cut
-    by the horizon gets one extra row holding its final next_obs, marked as the timeout.
-    """
-    from d3rlpy.constants import ActionSpace
-    from d3rlpy.dataset import MDPDataset
-
-    family = get_env(data.env)
-    rows = _rows(data, agents)
-    rows = rows[np.lexsort((data.t[rows], data.agent[rows]))]
-    agent, obs, next_obs, action = data.agent[rows], data.obs[rows], data.next_obs[rows], data.action[rows]
-    terminated = data.terminated[rows]
-    end = terminated | data.truncated[rows]
-    end[:-1] |= agent[1:] != agent[:-1]
-    end[-1] = True
-    chained = np.flatnonzero(~end)  # d3rlpy will take the next row's obs as these rows' next_obs
-    broken = chained[np.any(next_obs[chained] != obs[chained + 1], axis=1)]
-    if broken.size:
-        i = broken[0]
-        raise ValueError(f"{data.env}/{data.regime}: agent {agent[i]} t {data.t[rows[i]]}: next_obs differs from the "
-                         f"next row's obs, yet neither terminated nor truncated ends the trajectory there")
-    timeout = np.flatnonzero(end & ~terminated)
-    at = timeout + 1
-    timeouts = np.zeros(len(rows) + len(at), np.float32)
-    timeouts[at + np.arange(len(at))] = 1.0  # where np.insert puts the extra rows
-    with seeded(0):  # its writer fills placeholder arrays from np.random: leave the caller's stream alone
-        return MDPDataset(
-            observations=np.insert(obs, at, next_obs[timeout], axis=0),
-            actions=np.insert(action, at, action[timeout], axis=0),  # only a next_action, never trained on
-            rewards=np.insert(data.reward[rows], at, 0.0),
-            terminals=np.insert(terminated, at, False).astype(np.float32),
-            timeouts=timeouts,
-            action_space=ActionSpace.DISCRETE if family.discrete else ActionSpace.CONTINUOUS,
-            action_size=family.n_actions if family.discrete else family.action_dim,
-        )
-
-
-def _rows(data: Transitions, agents: list[int] | None) -> np.ndarray:
-    if agents is None:
-        if len(data) == 0:
-            raise ValueError(f"{data.env}/{data.regime}: the dataset is empty, nothing to train on")
-        return np.arange(len(data))
-    rows = np.flatnonzero(np.isin(data.agent, agents))
-    missing = sorted(set(agents) - set(data.agent[rows].tolist()))
-    if missing:
-        raise ValueError(f"{data.env}/{data.regime}: no transitions of agent(s) {', '.join(map(str, missing))}")
-    return rows
 
 
 class D3rlpyPolicy:
@@ -213,21 +158,6 @@ def _fit_one(algo, dataset, spec: OfflinePolicySpec, seed: int, log_root: Path, 
 def d3rlpy_device(device: str) -> str:
     """d3rlpy names devices "cpu:0" / "cuda:0"."""
     return device if ":" in device else f"{device}:0"
-
-
-@contextlib.contextmanager
-def seeded(seed: int):
-    """Seed the global generators d3rlpy draws from for this block; the caller's states come back after."""
-    import d3rlpy
-
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        d3rlpy.seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
 
 
 # ---------------------------------------------------------------- registry entries and cost

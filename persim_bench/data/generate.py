@@ -2,8 +2,10 @@
 
 Each env x regime dataset is cut into shards of ``agents_per_shard`` agents. A shard is a
 pure function of (grid seed, env, regime, shard index), so regenerating gives the same
-bytes; its file name carries a fingerprint of everything it depends on, so a rerun skips
-finished shards and never reuses stale ones. Files are written atomically.
+bytes; its file name carries a fingerprint of everything it depends on. Files are written
+atomically, and the manifest grows shard by shard (``complete: false`` until the last), so an
+interrupted run resumes from the shards it recorded. A shard is reused only when the manifest
+lists it and its sha256 matches: bytes nobody vouches for are regenerated, never adopted.
 """
 from __future__ import annotations
 
@@ -15,16 +17,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pyarrow.parquet as pq
 import ray
 import torch
 from ray.util import ActorPool
 from tqdm.auto import tqdm
 
 import persim_bench
-from persim_bench.specs import REGIMES
+from persim_bench.specs import REGIME_EPSILON, REGIMES
 from persim_bench.data.behaviour import regime_policy
-from persim_bench.data.policies import load_policy, logging_policy_paths
-from persim_bench.data.dataset import MANIFEST, Transitions, dataset_dir, read_manifest, sha256, write_json, write_parquet
+from persim_bench.data.policies import load_policy, logging_policy_paths, nearest_policy_agent
+from persim_bench.data.dataset import (
+    LAYOUT, MANIFEST, SHARD_PATTERN, DatasetError, Transitions, dataset_dir, read_manifest, schema_metadata, sha256,
+    verify_shard, write_agents_table, write_json, write_parquet,
+)
 from persim_bench.envs import ENVS, get_env
 
 if TYPE_CHECKING:
@@ -37,6 +43,7 @@ class DatasetPlan:
 
     env: str
     regime: str
+    grid: str
     seed: int
     n_agents: int
     episode_steps: int
@@ -44,10 +51,13 @@ class DatasetPlan:
     # Logging policy files of the pure* regimes, in policy-agent order; their names carry content keys.
     policy_paths: tuple[str, ...] = ()
 
+    def spec(self) -> dict:
+        """The determinants as the manifest records them (policy files by name: their keys are content hashes)."""
+        return {**self.__dict__, "policy_paths": [Path(p).name for p in self.policy_paths]}
+
     @property
     def fingerprint(self) -> str:
-        determinants = {**self.__dict__, "policy_paths": [Path(p).name for p in self.policy_paths]}
-        key = json.dumps({**determinants, "version": persim_bench.__version__}, sort_keys=True)
+        key = json.dumps({**self.spec(), "version": persim_bench.__version__, "layout": LAYOUT}, sort_keys=True)
         return hashlib.sha256(key.encode()).hexdigest()[:12]
 
     @property
@@ -66,20 +76,26 @@ class DatasetPlan:
         env_index = list(ENVS).index(self.env)
         return np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(env_index, *stream)))
 
+    @functools.cache
     def covariates(self) -> np.ndarray:
         """All agents' covariates: shared by every regime of an env (same agents, other policy)."""
         return get_env(self.env).agent_covariates(self.rng(), self.n_agents)
 
+    def shard_metadata(self) -> dict[str, str]:
+        return schema_metadata(get_env(self.env), self.regime, self.grid, self.fingerprint, persim_bench.__version__)
+
+
+def dataset_plan(grid: Grid, env: str, regime: str, policy_root: Path | None) -> DatasetPlan:
+    """The plan of one env x regime dataset of the grid (``policy_root``: the pure* regimes' logging policies)."""
+    if policy_root is None and regime != "random":
+        raise ValueError("the pure* regimes need the logging policies: pass policy_root (see train_policies)")
+    paths = () if regime == "random" else tuple(map(str, logging_policy_paths(policy_root, grid, env, regime)))
+    return DatasetPlan(env, regime, grid.name, grid.seed, grid.data.n_agents, grid.data.episode_steps(env),
+                       grid.data.agents_per_shard, paths)
+
 
 def dataset_plans(grid: Grid, policy_root: Path | None) -> list[DatasetPlan]:
-    if policy_root is None and any(regime != "random" for regime in grid.regimes):
-        raise ValueError("the pure* regimes need the logging policies: pass policy_root (see train_policies)")
-    return [
-        DatasetPlan(env, regime, grid.seed, grid.data.n_agents, grid.data.episode_steps(env), grid.data.agents_per_shard,
-                    () if regime == "random" else tuple(map(str, logging_policy_paths(policy_root, grid, env, regime))))
-        for env in grid.envs
-        for regime in grid.regimes
-    ]
+    return [dataset_plan(grid, env, regime, policy_root) for env in grid.envs for regime in grid.regimes]
 
 
 @functools.lru_cache(maxsize=32)
@@ -125,25 +141,30 @@ class ShardWriter:
 
     def write(self, plan: DatasetPlan, shard: int, folder: str) -> dict:
         path = Path(folder) / plan.shard_name(shard)
-        write_parquet(record_shard(plan, shard).to_table(), path)
+        write_parquet(record_shard(plan, shard).to_table(plan.shard_metadata()), path)
         return shard_entry(plan, shard, path)
 
 
 def shard_entry(plan: DatasetPlan, shard: int, path: Path) -> dict:
-    import pyarrow.parquet as pq
-
-    rows = pq.ParquetFile(path).metadata.num_rows
     agents = plan.shard_agents(shard)
-    return {"name": path.name, "rows": rows, "sha256": sha256(path), "agents": [agents.start, agents.stop]}
+    return {"name": path.name, "rows": pq.ParquetFile(path).metadata.num_rows, "sha256": sha256(path),
+            "agents": [agents.start, agents.stop]}
 
 
-def is_complete(plan: DatasetPlan, folder: Path) -> bool:
-    if not (folder / MANIFEST).exists():
-        return False
+def verified_shards(plan: DatasetPlan, folder: Path) -> dict[int, dict]:
+    """The manifest's entries of this plan's shards whose files are on disk with the listed sha256.
+
+    Without a manifest of this plan nothing is verified: shards found on disk are regenerated.
+    """
     try:
-        return read_manifest(folder).get("fingerprint") == plan.fingerprint
-    except Exception:
-        return False
+        manifest = read_manifest(folder)
+    except DatasetError:
+        return {}
+    if manifest.get("fingerprint") != plan.fingerprint:
+        return {}
+    names = {plan.shard_name(k): k for k in range(plan.n_shards)}
+    return {names[entry["name"]]: entry for entry in manifest.get("files", [])
+            if entry.get("name") in names and verify_shard(folder, entry) is None}
 
 
 def generate_datasets(grid: Grid, root: Path, policy_root: Path | None = None, num_workers: int | None = None,
@@ -151,64 +172,64 @@ def generate_datasets(grid: Grid, root: Path, policy_root: Path | None = None, n
     """Generate every env x regime dataset of the grid on the connected Ray cluster.
 
     The pure* regimes read the logging policies under ``policy_root`` (the policies stage trains
-    them). Returns the dataset folders. Finished datasets and shards are skipped.
+    them). Every listed shard is verified against its manifest's sha256 first; only missing or
+    damaged shards are (re)generated. Returns the dataset folders.
     """
     plans = dataset_plans(grid, policy_root)
-    pending = []
-    for plan in plans:
-        folder = dataset_dir(root, plan.env, plan.regime)
-        if is_complete(plan, folder):
-            continue
-        for shard in range(plan.n_shards):
-            path = folder / plan.shard_name(shard)
-            pending.append((plan, shard, folder, path.exists()))
-
-    entries: dict[tuple[DatasetPlan, int], dict] = {}
-    todo = []
-    for plan, shard, folder, done in pending:
-        if done:
-            entries[plan, shard] = shard_entry(plan, shard, folder / plan.shard_name(shard))
-        else:
-            todo.append((plan, shard, folder))
+    verified = {plan: verified_shards(plan, dataset_dir(root, plan.env, plan.regime)) for plan in plans}
+    todo = [(plan, shard) for plan in plans for shard in range(plan.n_shards) if shard not in verified[plan]]
+    for plan in plans:  # a manifest lists only what is verified, before any new shard lands beside it
+        if len(verified[plan]) < plan.n_shards:
+            write_manifest(plan, root, verified[plan])
     if todo:
         workers = num_workers or grid.data.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         actors = [ShardWriter.remote() for _ in range(min(workers, len(todo)))]
         try:
             pool = ActorPool(actors)
-            results = pool.map_unordered(lambda actor, job: actor.write.remote(job[0], job[1], str(job[2])), todo)
-            by_name = {plan.shard_name(shard): (plan, shard) for plan, shard, _ in todo}
+            jobs = pool.map_unordered(
+                lambda actor, job: actor.write.remote(job[0], job[1], str(dataset_dir(root, job[0].env, job[0].regime))),
+                todo)
+            by_name = {plan.shard_name(shard): (plan, shard) for plan, shard in todo}
+            rows = sum(entry["rows"] for shards in verified.values() for entry in shards.values())
             with tqdm(total=len(todo), desc="datasets", unit="shard", disable=not progress) as bar:
-                for entry in results:
-                    entries[by_name[entry["name"]]] = entry
-                    bar.set_postfix_str(f"{sum(e['rows'] for e in entries.values()):,} rows")
+                for entry in jobs:
+                    plan, shard = by_name[entry["name"]]
+                    verified[plan][shard] = entry
+                    write_manifest(plan, root, verified[plan])
+                    rows += entry["rows"]
+                    bar.set_postfix_str(f"{rows:,} rows")
                     bar.update()
         finally:
             for actor in actors:  # idle actors would keep holding CPUs
                 ray.kill(actor)
-
-    folders = []
-    for plan in plans:
-        folder = dataset_dir(root, plan.env, plan.regime)
-        folders.append(folder)
-        if is_complete(plan, folder):
-            continue
-        write_manifest(plan, folder, [entries[plan, shard] for shard in range(plan.n_shards)])
-    return folders
+    for env in dict.fromkeys(plan.env for plan in plans):
+        write_agents_table(root, env)
+    return [dataset_dir(root, plan.env, plan.regime) for plan in plans]
 
 
-def write_manifest(plan: DatasetPlan, folder: Path, files: list[dict]) -> None:
+def write_manifest(plan: DatasetPlan, root: Path, shards: dict[int, dict]) -> None:
+    """The manifest of the shards verified so far; complete once every shard is, when stale shards go."""
     family = get_env(plan.env)
+    folder = dataset_dir(root, plan.env, plan.regime)
+    files = [shards[k] for k in sorted(shards)]
+    complete = len(files) == plan.n_shards
+    policy_agent = (nearest_policy_agent(family, plan.covariates()).tolist() if plan.policy_paths else None)
     manifest = {
-        **plan.__dict__,
+        **plan.spec(),
+        "layout": LAYOUT,
         "fingerprint": plan.fingerprint,
         "package_version": persim_bench.__version__,
         "covariate_names": list(family.covariate_names),
         "covariates": plan.covariates().tolist(),
+        "policy_agent": policy_agent,
+        "random_action_prob": REGIME_EPSILON.get(plan.regime, 1.0),
         "rows": sum(f["rows"] for f in files),
         "files": files,
+        "complete": complete,
     }
     write_json(manifest, folder / MANIFEST)
-    listed = {f["name"] for f in files}
-    for stale in folder.glob("part-*.parquet"):  # shards of an older fingerprint
-        if stale.name not in listed:
-            stale.unlink()
+    if complete:
+        listed = {f["name"] for f in files}
+        for stale in folder.glob("part-*.parquet"):  # our shards of an older fingerprint, nothing else
+            if SHARD_PATTERN.fullmatch(stale.name) and stale.name not in listed:
+                stale.unlink()

@@ -3,7 +3,34 @@
 Importing this package registers ``persim/MountainCar-v0``, ``persim/CartPole-v0`` and
 ``persim/HalfCheetah-v0`` with gymnasium.
 """
-from persim_bench.envs import cartpole, halfcheetah, mountaincar
+import ctypes.util
+import os
+import platform
+
+
+def _default_mujoco_gl() -> None:
+    """Headless rendering for HalfCheetah's rgb_array frames: MUJOCO_GL=egl where it can work.
+
+    mujoco picks its OpenGL backend once, from MUJOCO_GL, when it is first imported, so this must
+    run before any ``import mujoco`` in the package: halfcheetah, imported below, is the first (every
+    other import of mujoco in the package comes through here). EGL needs no display; on this
+    project's Linux machines osmesa (no libOSMesa) and glfw (no display) do not work. A value the
+    user set wins. Only on Linux ("egl" is invalid elsewhere and mujoco would refuse to import)
+    and only with libEGL and libGL present: a backend whose libraries are missing can make
+    ``import mujoco`` itself fail, and without a default mujoco falls back to glfw as before.
+    If mujoco was imported before persim_bench, its backend is already chosen.
+    """
+    if "MUJOCO_GL" in os.environ or platform.system() != "Linux":
+        return
+    if os.environ.get("PYOPENGL_PLATFORM", "egl").lower() != "egl":
+        return  # mujoco.egl refuses another PyOpenGL platform
+    if ctypes.util.find_library("EGL") and (ctypes.util.find_library("OpenGL") or ctypes.util.find_library("GL")):
+        os.environ.setdefault("MUJOCO_GL", "egl")
+
+
+_default_mujoco_gl()
+
+from persim_bench.envs import cartpole, halfcheetah, mountaincar  # after MUJOCO_GL, on purpose
 from persim_bench.envs.base import BatchSim, EnvFamily, SingleAgentEnv
 
 ENVS: dict[str, EnvFamily] = {m.FAMILY.name: m.FAMILY for m in (mountaincar, cartpole, halfcheetah)}

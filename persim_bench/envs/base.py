@@ -9,7 +9,7 @@ MPC planner can score thousands of imagined rollouts in one call.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 import gymnasium
 import numpy as np
@@ -19,6 +19,19 @@ import torch
 # ``agent`` indexes the covariate table the function was built for, so one call can serve rows
 # of several agents (the planner batches episodes of all test agents together).
 TorchDynamics = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+# The bound of an unbounded observation dimension: the largest finite float32, as gymnasium's
+# CartPole-v1 bounds its velocities. gymnasium's check_env warns about infinite Box bounds, and
+# no float32 observation other than inf (which the passive checker rejects anyway) lies beyond it.
+UNBOUNDED = float(np.finfo(np.float32).max)
+
+
+class Renderer(Protocol):
+    """Draws one agent of a BatchSim in its current state; what ``EnvFamily.renderer`` returns."""
+
+    def render(self) -> Any: ...
+
+    def close(self) -> None: ...
 
 
 class BatchSim(ABC):
@@ -37,6 +50,16 @@ class BatchSim(ABC):
     @abstractmethod
     def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Advance every agent one step: (next_obs float32 [N, D], reward [N], terminated [N])."""
+
+    # The gymnasium info dicts. Only SingleAgentEnv asks for them, after the fact, so the data
+    # generator's hot loop never pays for them.
+    def reset_info(self) -> dict[str, np.ndarray]:
+        """Per-agent info after reset: each value an array [N]."""
+        return {}
+
+    def step_info(self, actions: np.ndarray, next_obs: np.ndarray, reward: np.ndarray) -> dict[str, np.ndarray]:
+        """Per-agent info of the step just taken with ``actions`` that returned (next_obs, reward)."""
+        return {}
 
 
 class EnvFamily(ABC):
@@ -64,6 +87,14 @@ class EnvFamily(ABC):
     # None where states are unbounded. Learned models may be held to it (``clip_state``).
     state_low: tuple[float, ...] | None = None
     state_high: tuple[float, ...] | None = None
+    # The observation space's box where it is not the state box (gym's CartPole-v1 declares x and
+    # theta at twice their termination thresholds, so a failing state still lies inside); with
+    # neither box, observations are unbounded. Use UNBOUNDED, not inf, for an open dimension.
+    observation_low: tuple[float, ...] | None = None
+    observation_high: tuple[float, ...] | None = None
+    # gymnasium render metadata: the modes ``renderer`` supports and the frame rate (1 / step time).
+    render_modes: tuple[str, ...] = ()
+    render_fps: int | None = None
 
     @property
     def discrete(self) -> bool:
@@ -133,6 +164,28 @@ class EnvFamily(ABC):
             return gymnasium.spaces.Discrete(self.n_actions)
         return gymnasium.spaces.Box(-1.0, 1.0, (self.action_dim,), np.float32)
 
+    def observation_space(self) -> gymnasium.spaces.Box:
+        """float32 Box of one agent's observations: observation_low/high, else the state box, else unbounded."""
+        low = self.observation_low if self.observation_low is not None else self.state_low
+        high = self.observation_high if self.observation_high is not None else self.state_high
+        if low is None or high is None:
+            low, high = (-UNBOUNDED,) * self.obs_dim, (UNBOUNDED,) * self.obs_dim
+        return gymnasium.spaces.Box(np.array(low, dtype=np.float32), np.array(high, dtype=np.float32), dtype=np.float32)
+
+    @property
+    def covariate_kwargs(self) -> dict[str, float]:
+        """The default agent as the keyword arguments of the family's ``make_env``."""
+        return dict(zip(self.covariate_names, self.default_covariates))
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """gymnasium's env metadata for this family."""
+        return {"render_modes": list(self.render_modes), "render_fps": self.render_fps}
+
+    def renderer(self, sim: BatchSim, agent: int, render_mode: str) -> Renderer:
+        """Something that draws agent ``agent`` of ``sim`` in ``render_mode`` (one of render_modes)."""
+        raise NotImplementedError(f"{self.name} does not render")
+
 
 class SingleAgentEnv(gymnasium.Env):
     """gymnasium view of one agent of a family: a BatchSim of size one.
@@ -141,20 +194,47 @@ class SingleAgentEnv(gymnasium.Env):
     never disagree about the dynamics.
     """
 
-    metadata = {"render_modes": []}
+    metadata: dict[str, Any] = {"render_modes": [], "render_fps": None}  # each instance: its family's
 
-    def __init__(self, family: EnvFamily, covariates: tuple[float, ...]):
+    def __init__(self, family: EnvFamily, covariates: tuple[float, ...], render_mode: str | None = None):
+        self.metadata = family.metadata
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"{family.gym_id}: render_mode {render_mode!r} is not one of {self.metadata['render_modes']}")
         self.family = family
         self.covariates = tuple(float(c) for c in covariates)
+        self.render_mode = render_mode
         self.sim = family.batch(np.asarray([self.covariates]))
         self.action_space = family.action_space()
-        self.observation_space = gymnasium.spaces.Box(-np.inf, np.inf, (family.obs_dim,), np.float32)
+        self.observation_space = family.observation_space()
+        self._renderer: Renderer | None = None
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        return self.sim.reset(self.np_random)[0], {}
+        obs = self.sim.reset(self.np_random)
+        return obs[0], _first(self.sim.reset_info())
 
     def step(self, action):
         batched = np.asarray(action).reshape((1,) if self.family.discrete else (1, -1))
         obs, reward, terminated = self.sim.step(batched)
-        return obs[0], float(reward[0]), bool(terminated[0]), False, {}
+        info = _first(self.sim.step_info(batched, obs, reward))
+        return obs[0], float(reward[0]), bool(terminated[0]), False, info
+
+    def render(self):
+        if self.render_mode is None:
+            gymnasium.logger.warn(
+                f"{self.family.gym_id}: render() without a render_mode; make the env with one of "
+                f"{self.metadata['render_modes']}, e.g. gymnasium.make(id, render_mode=...)")
+            return None
+        if self._renderer is None:
+            self._renderer = self.family.renderer(self.sim, 0, self.render_mode)
+        return self._renderer.render()
+
+    def close(self):
+        if self._renderer is not None:
+            self._renderer.close()
+            self._renderer = None
+
+
+def _first(info: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Agent 0's entries of a per-agent info dict, as Python scalars."""
+    return {key: np.asarray(value)[0].item() for key, value in info.items()}

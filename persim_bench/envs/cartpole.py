@@ -11,7 +11,7 @@ import gymnasium
 import numpy as np
 import torch
 
-from persim_bench.envs.base import BatchSim, EnvFamily, SingleAgentEnv, TorchDynamics
+from persim_bench.envs.base import UNBOUNDED, BatchSim, EnvFamily, SingleAgentEnv, TorchDynamics
 
 GRAVITY = 9.8
 MASS_CART, MASS_POLE = 1.0, 0.1
@@ -74,6 +74,11 @@ class CartPole(EnvFamily):
     # The paper lists (force, length); we store (length, force) to match the gym keyword order.
     test_agents = ((0.5, 2.0), (0.5, 10.0), (0.5, 18.0), (0.85, 10.0), (0.15, 10.0))
     policy_agents = ((0.5, 6.0), (0.5, 14.0), (0.5, 10.0), (0.675, 10.0), (0.325, 10.0))
+    # gym's CartPole-v1 box: x and theta at twice the thresholds (a failing state still lies inside),
+    # velocities open. No state box: the env does not clip, it terminates.
+    observation_high = (2 * X_THRESHOLD, UNBOUNDED, 2 * THETA_THRESHOLD, UNBOUNDED)
+    observation_low = tuple(-h for h in observation_high)
+    render_fps = 50  # gym's: 1 / TAU
 
     def batch(self, covariates):
         return CartPoleBatch(covariates)
@@ -92,9 +97,15 @@ class CartPole(EnvFamily):
 FAMILY = CartPole()
 
 
-def make_env(length: float = 0.5, force: float = 10.0) -> SingleAgentEnv:
-    return SingleAgentEnv(FAMILY, (length, force))
+def make_env(length: float = 0.5, force: float = 10.0, render_mode: str | None = None) -> SingleAgentEnv:
+    """gymnasium entry point: the agent with these covariates. No render modes (render_mode=None only)."""
+    return SingleAgentEnv(FAMILY, (length, force), render_mode=render_mode)
 
 
+make_env.metadata = FAMILY.metadata  # gymnasium.make reads an entry point's render modes here
+
+# A string entry point, so the spec (Minari stores it with a dataset) serialises and re-makes the
+# env in a fresh process; the default covariates are explicit kwargs of the stored spec.
 if FAMILY.gym_id not in gymnasium.registry:
-    gymnasium.register(id=FAMILY.gym_id, entry_point=make_env, max_episode_steps=FAMILY.horizon)
+    gymnasium.register(id=FAMILY.gym_id, entry_point="persim_bench.envs.cartpole:make_env",
+                       max_episode_steps=FAMILY.horizon, kwargs=FAMILY.covariate_kwargs)

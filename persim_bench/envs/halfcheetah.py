@@ -20,13 +20,16 @@ import numpy as np
 import numpy.typing
 import torch
 
-from persim_bench.envs.base import BatchSim, EnvFamily, SingleAgentEnv, TorchDynamics
+from persim_bench.envs.base import BatchSim, EnvFamily, Renderer, SingleAgentEnv, TorchDynamics
 
 # Authors' code and gym use 0.1; the paper text says 0.05.
 CONTROL_COST = 0.1
 # Authors' reset_model: qpos and qvel each get N(0, 0.001) noise (gym would use U(-0.1, 0.1) and 0.1*N(0, 1)).
 RESET_NOISE_STD = 0.001
 FRAME_SKIP = 5
+# gymnasium's HalfCheetah-v5 frames: 480 x 480 from the model's "track" camera (trackcom: follows the torso).
+RENDER_WIDTH = RENDER_HEIGHT = 480
+RENDER_CAMERA = "track"
 
 _XML_PATH = Path(gymnasium.__file__).parent / "envs" / "mujoco" / "assets" / "half_cheetah.xml"
 _DEPRECATED_TOTAL_MASS = ' settotalmass="14"'
@@ -177,10 +180,55 @@ class HalfCheetahBatch(BatchSim):
         reward = next_obs[:, 0].astype(np.float64) - _control_cost(actions)
         return next_obs, reward, np.zeros(self.n, dtype=bool)
 
+    def reset_info(self) -> dict[str, np.ndarray]:
+        return {"x_position": self.qpos[:, 0].copy()}
+
+    def step_info(self, actions: np.ndarray, next_obs: np.ndarray, reward: np.ndarray) -> dict[str, np.ndarray]:
+        """HalfCheetah-v4's step info; reward_run + reward_ctrl is exactly the reward ``step`` returned.
+
+        x_velocity is the observation's finite difference (float32), the number the reward pays for,
+        as gym's reward_run is its x_velocity.
+        """
+        actions = np.asarray(actions, dtype=np.float64).reshape(self.n, base_model().nu)
+        velocity = next_obs[:, 0].astype(np.float64)
+        return {"x_position": self.qpos[:, 0].copy(), "x_velocity": velocity,
+                "reward_run": velocity, "reward_ctrl": -_control_cost(actions)}
+
     def _require_state(self) -> np.ndarray:
         if self.state is None:
             raise RuntimeError("HalfCheetahBatch: call reset() or set_state() before stepping")
         return self.state
+
+
+class CheetahRenderer:
+    """rgb_array frames of one agent of a HalfCheetahBatch: its own scaled model in its current state.
+
+    A private MjData gets the agent's qpos/qvel and an mj_forward (positions, camera) per frame; the
+    simulation state is only read. Needs an OpenGL backend: MUJOCO_GL, see ``persim_bench.envs``.
+    """
+
+    def __init__(self, sim: HalfCheetahBatch, agent: int = 0,
+                 width: int = RENDER_WIDTH, height: int = RENDER_HEIGHT, camera: str = RENDER_CAMERA):
+        self.sim, self.agent = sim, agent
+        self.model = sim.models[agent]
+        self.data = mujoco.MjData(self.model)
+        self.camera = camera
+        self.renderer: mujoco.Renderer | None = mujoco.Renderer(self.model, height=height, width=width)
+
+    def render(self) -> np.ndarray:
+        """An [height, width, 3] uint8 frame."""
+        if self.renderer is None:
+            raise RuntimeError("CheetahRenderer: render() after close()")
+        self.data.qpos[:] = self.sim.qpos[self.agent]
+        self.data.qvel[:] = self.sim.qvel[self.agent]
+        mujoco.mj_forward(self.model, self.data)
+        self.renderer.update_scene(self.data, camera=self.camera)
+        return self.renderer.render()
+
+    def close(self) -> None:
+        if self.renderer is not None:
+            self.renderer.close()
+            self.renderer = None
 
 
 class HalfCheetah(EnvFamily):
@@ -196,9 +244,17 @@ class HalfCheetah(EnvFamily):
     default_covariates = (1.0, 1.0)
     test_agents = ((0.3, 1.7), (1.7, 0.3), (0.3, 0.3), (1.7, 1.7), (1.0, 1.0))
     policy_agents = ((0.6, 1.4), (1.4, 0.6), (0.6, 0.6), (1.4, 1.4))
+    # No state box: observations are unbounded (see base.UNBOUNDED).
+    render_modes = ("rgb_array",)
+    render_fps = 20  # 1 / (timestep 0.01 * FRAME_SKIP), as HalfCheetah-v5
 
     def batch(self, covariates: np.ndarray) -> HalfCheetahBatch:
         return HalfCheetahBatch(covariates)
+
+    def renderer(self, sim: BatchSim, agent: int, render_mode: str) -> Renderer:
+        if render_mode != "rgb_array" or not isinstance(sim, HalfCheetahBatch):
+            raise ValueError(f"halfcheetah renders rgb_array frames of a HalfCheetahBatch, not {render_mode!r} of {sim!r}")
+        return CheetahRenderer(sim, agent)
 
     def reward(self, obs: torch.Tensor, action: torch.Tensor, next_obs: torch.Tensor) -> torch.Tensor:
         return next_obs[..., 0] - _control_cost(action)
@@ -228,10 +284,15 @@ class HalfCheetah(EnvFamily):
 FAMILY = HalfCheetah()
 
 
-def make_env(mass: float = 1.0, damping: float = 1.0) -> SingleAgentEnv:
-    """gymnasium entry point: ``gymnasium.make("persim/HalfCheetah-v0", mass=..., damping=...)``."""
-    return SingleAgentEnv(FAMILY, (mass, damping))
+def make_env(mass: float = 1.0, damping: float = 1.0, render_mode: str | None = None) -> SingleAgentEnv:
+    """gymnasium entry point: ``gymnasium.make("persim/HalfCheetah-v0", mass=..., damping=..., render_mode=...)``."""
+    return SingleAgentEnv(FAMILY, (mass, damping), render_mode=render_mode)
 
 
+make_env.metadata = FAMILY.metadata  # gymnasium.make reads an entry point's render modes here
+
+# A string entry point, so the spec (Minari stores it with a dataset) serialises and re-makes the
+# env in a fresh process; the default covariates are explicit kwargs of the stored spec.
 if FAMILY.gym_id not in gymnasium.registry:
-    gymnasium.register(id=FAMILY.gym_id, entry_point=make_env, max_episode_steps=FAMILY.horizon)
+    gymnasium.register(id=FAMILY.gym_id, entry_point="persim_bench.envs.halfcheetah:make_env",
+                       max_episode_steps=FAMILY.horizon, kwargs=FAMILY.covariate_kwargs)

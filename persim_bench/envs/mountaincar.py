@@ -69,7 +69,8 @@ class MountainCar(EnvFamily):
     policy_agents = ((0.0003,), (0.00075,), (0.00175,), (0.0025,), (0.003,))
     shaping_weight = 0.01
     state_low = (MIN_POSITION, -MAX_SPEED)
-    state_high = (MAX_POSITION, MAX_SPEED)
+    state_high = (MAX_POSITION, MAX_SPEED)  # also the observation space, as gym's MountainCar-v0
+    render_fps = 30  # gym's
 
     def batch(self, covariates):
         return MountainCarBatch(covariates)
@@ -88,9 +89,15 @@ class MountainCar(EnvFamily):
 FAMILY = MountainCar()
 
 
-def make_env(gravity: float = 0.0025) -> SingleAgentEnv:
-    return SingleAgentEnv(FAMILY, (gravity,))
+def make_env(gravity: float = 0.0025, render_mode: str | None = None) -> SingleAgentEnv:
+    """gymnasium entry point: the agent with these covariates. No render modes (render_mode=None only)."""
+    return SingleAgentEnv(FAMILY, (gravity,), render_mode=render_mode)
 
 
+make_env.metadata = FAMILY.metadata  # gymnasium.make reads an entry point's render modes here
+
+# A string entry point, so the spec (Minari stores it with a dataset) serialises and re-makes the
+# env in a fresh process; the default covariates are explicit kwargs of the stored spec.
 if FAMILY.gym_id not in gymnasium.registry:
-    gymnasium.register(id=FAMILY.gym_id, entry_point=make_env, max_episode_steps=FAMILY.horizon)
+    gymnasium.register(id=FAMILY.gym_id, entry_point="persim_bench.envs.mountaincar:make_env",
+                       max_episode_steps=FAMILY.horizon, kwargs=FAMILY.covariate_kwargs)

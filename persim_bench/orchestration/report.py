@@ -105,13 +105,18 @@ def write_report(grid: Grid, tracking_uri: str, results: Path, data_root: Path) 
     records = trial_records(client, latest_trial_runs(client, experiment.experiment_id))
     out = results / grid.name / "report"
     out.mkdir(parents=True, exist_ok=True)
-    report = build_report(records, dataset_summaries(grid, data_root), random_scores=random_scores(grid),
-                          seed=grid.seed)
+    summaries = dataset_summaries(grid, data_root, results / "policies")
+    unreadable = {key: s["error"] for key, s in summaries.items() if "error" in s}
+    readable = {key: s for key, s in summaries.items() if key not in unreadable}
+    report = build_report(records, readable, random_scores=random_scores(grid), seed=grid.seed)
     for name, table in report.tables.items():
         write_table(table, out, name)
     factors = factor_table(records)
     write_table(factors, out, "figure1_probe")
     parts = [report.markdown, "## Figure 1: agent factors\n", to_markdown(factors)]
+    if unreadable:  # never a silent gap in Table 8
+        parts.append("## Datasets that could not be read\n\n" + "".join(
+            f"- {env}/{regime}: {error}\n" for (env, regime), error in sorted(unreadable.items())))
     parts += [f"![{path.stem}]({path.name})\n" for path in copy_factor_figures(client, records, out)]
     if report.normalised_scores:
         labelled = {method_label(key): scores for key, scores in report.normalised_scores.items()}

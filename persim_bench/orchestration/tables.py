@@ -17,7 +17,8 @@ from persim_bench.algos.base import Trial
 from persim_bench.analysis.tabular import save_figure, to_markdown, write_table
 from persim_bench.algos.registry import ALGORITHMS
 from persim_bench.config import Grid
-from persim_bench.data.dataset import DatasetError, read_dataset
+from persim_bench.data.dataset import MANIFEST, DatasetError, dataset_dir, read_dataset
+from persim_bench.data.generate import dataset_plan
 from persim_bench.data.policies import policy_label
 from persim_bench.envs import get_env
 from persim_bench.orchestration.rank_cv import rank_cv_figure, rank_cv_table
@@ -144,15 +145,22 @@ def failed_trials(runs: list) -> list[str]:
                   for r in runs if r.info.status == "FAILED")
 
 
-def dataset_summaries(grid: Grid, data_root: Path) -> dict[tuple[str, str], dict]:
-    """Per env and regime present: the five test agents' observed returns and the mean return and trajectory
-    length over all agents, read from the datasets themselves (what the paper's Table 8 reports)."""
+def dataset_summaries(grid: Grid, data_root: Path, policy_root: Path) -> dict[tuple[str, str], dict]:
+    """Per env and regime generated: the five test agents' observed returns and the mean return and trajectory
+    length over all agents, read from the datasets themselves (what the paper's Table 8 reports).
+
+    A dataset never generated is left out; one that is damaged or stale gets ``{"error": message}``,
+    so a table shows it instead of silently losing its row.
+    """
     summaries = {}
     for env in grid.envs:
         for regime in grid.regimes:
+            if not (dataset_dir(data_root, env, regime) / MANIFEST).exists():
+                continue
             try:
-                data = read_dataset(data_root, env, regime)
-            except DatasetError:
+                data = read_dataset(data_root, dataset_plan(grid, env, regime, policy_root))
+            except DatasetError as err:
+                summaries[env, regime] = {"error": str(err)}
                 continue
             returns = np.bincount(data.agent, weights=data.reward, minlength=data.n_agents)
             lengths = np.bincount(data.agent, minlength=data.n_agents)
@@ -161,12 +169,17 @@ def dataset_summaries(grid: Grid, data_root: Path) -> dict[tuple[str, str], dict
     return summaries
 
 
-def dataset_table(grid: Grid, data_root: Path) -> dict:
-    """Paper Table 8 from ``dataset_summaries``."""
-    rows = [[env, regime, *(f"{r:.4g}" for r in s["test_returns"]), f"{s['mean_return']:.4g}",
-             f"{s['mean_length']:.1f}"] for (env, regime), s in dataset_summaries(grid, data_root).items()]
+def dataset_table(summaries: dict[tuple[str, str], dict], n_agents: int) -> dict:
+    """Paper Table 8 from ``dataset_summaries``; an unreadable dataset is a row saying why."""
+    rows = []
+    for (env, regime), s in summaries.items():
+        if "error" in s:
+            rows.append([env, regime, f"unreadable: {s['error']}", "", "", "", "", "", ""])
+        else:
+            rows.append([env, regime, *(f"{r:.4g}" for r in s["test_returns"]), f"{s['mean_return']:.4g}",
+                         f"{s['mean_length']:.1f}"])
     return {"title": f"Offline data (Table 8): observed return of test agents 0-4, mean return and mean "
-                     f"trajectory length over all {grid.data.n_agents} agents",
+                     f"trajectory length over all {n_agents} agents",
             "columns": ["env", "regime", "agent 0", "agent 1", "agent 2", "agent 3", "agent 4", "mean return",
                         "mean length"],
             "rows": rows}
@@ -227,7 +240,8 @@ def write_tables(grid: Grid, tracking_uri: str, results: Path, data_root: Path) 
     runs = latest_trial_runs(client, experiment.experiment_id)
     out = results / grid.name
     out.mkdir(parents=True, exist_ok=True)
-    tables = {"datasets": dataset_table(grid, data_root), **build_tables(runs, grid),
+    summaries = dataset_summaries(grid, data_root, results / "policies")
+    tables = {"datasets": dataset_table(summaries, grid.data.n_agents), **build_tables(runs, grid),
               "costs": cost_table(runs, grid, data_root)}
     if any(run.data.tags.get("stage") == "rank_cv" for run in runs):
         tables["rank_cv"] = rank_cv_table(runs, grid.persim.cv_tolerance)
