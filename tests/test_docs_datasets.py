@@ -61,3 +61,13 @@ def test_every_block_runs_against_a_fresh_tiny_grid(ray_cluster, tmp_path, monke
     assert (tmp_path / "exports" / "d4rl" / "smoke-cartpole-random.hdf5").is_file()
     assert namespace["table"].num_rows == namespace["data"].table.num_rows  # pyarrow's hive read == the API's
     assert sorted(namespace["info"]) == ["reward_ctrl", "reward_run", "x_position", "x_velocity"]
+
+
+def test_relative_links_in_the_readme_and_docs_resolve():
+    root = DOC.parent.parent
+    broken = []
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" not in target and not (page.parent / target).exists():
+                broken.append(f"{page.name}: {target}")
+    assert broken == []

@@ -6,7 +6,7 @@ import ray
 import torch
 
 from persim_bench.config import load_grid
-from persim_bench.data.dataset import MANIFEST, dataset_dir, write_json
+from persim_bench.data.dataset import LAYOUT, MANIFEST, dataset_dir, write_json
 from persim_bench.data.generate import dataset_plans
 from persim_bench.data.policies import policy_jobs
 from persim_bench.algos.persim import persim_fit_seconds
@@ -86,7 +86,7 @@ def test_paper_costs_far_more_than_smoke():
 def test_a_manifest_gives_the_real_row_count(tmp_path):
     grid = load_grid("smoke").model_copy(update={"envs": ["cartpole"], "regimes": ["random"]})
     upper = stages(grid, data_root=tmp_path)["main"].by_algo["persim"]
-    manifest = {"env": "cartpole", "regime": "random", "n_agents": grid.data.n_agents, "rows": 100,
+    manifest = {"layout": LAYOUT, "env": "cartpole", "regime": "random", "n_agents": grid.data.n_agents, "rows": 100,
                 "episode_steps": grid.data.episode_steps("cartpole")}
     write_json(manifest, dataset_dir(tmp_path, "cartpole", "random") / MANIFEST)
     assert stages(grid, data_root=tmp_path)["main"].by_algo["persim"] < upper

@@ -1,8 +1,13 @@
 """`persim-bench run` end to end on a real local Ray cluster, Ray Tune trials and MLflow on SQLite."""
 import csv
+import hashlib
+import json
 import subprocess
 import sys
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -97,12 +102,23 @@ def test_run_logs_every_trial_under_one_parent_and_writes_tables(ray_cluster, wr
     assert (results / "mlartifacts" / "persim-bench-tiny-pipeline").is_dir()  # artifacts too, not ./mlruns
 
 
+def _poison_rewards(folder):
+    """NaN rewards in a shard, with a manifest that vouches for them: the data stage keeps the shard (its
+    sha256 matches), PerSim's reader refuses it, and True env + MPC needs no data."""
+    manifest = json.loads((folder / "_manifest.json").read_text())
+    entry = manifest["files"][0]
+    table = pq.read_table(folder / entry["name"])
+    rewards = pa.array(np.full(table.num_rows, np.nan, np.float32))
+    pq.write_table(table.set_column(table.schema.get_field_index("reward"), "reward", rewards), folder / entry["name"])
+    entry["sha256"] = hashlib.sha256((folder / entry["name"]).read_bytes()).hexdigest()
+    (folder / "_manifest.json").write_text(json.dumps(manifest))
+
+
 def test_a_failed_trial_is_recorded_and_the_grid_goes_on(ray_cluster, write_grid, tmp_path):
     grid = write_grid({**TINY, "name": "tiny-failing"})
     results = tmp_path / "results"
     cli.main(["run", "--grid", str(grid), "--results", str(results), "--algo", "true_env_mpc"])
-    shard = next((results / "datasets" / "tiny-failing" / "cartpole" / "regime=random").glob("part-*.parquet"))
-    shard.write_bytes(b"not parquet")  # corrupt the data PerSim needs; True env + MPC needs none
+    _poison_rewards(results / "datasets" / "tiny-failing" / "cartpole" / "regime=random")
 
     with pytest.raises(SystemExit) as exit_:
         cli.main(["run", "--grid", str(grid), "--results", str(results)])
@@ -114,10 +130,11 @@ def test_a_failed_trial_is_recorded_and_the_grid_goes_on(ray_cluster, write_grid
             latest[run.data.tags["trial"]] = run
     failed = latest["persim-cartpole-random-r2-s0"]
     assert failed.info.status == "FAILED"
-    assert "content does not match the manifest" in failed.data.tags["error"]
+    assert "non-finite values in column 'reward'" in failed.data.tags["error"]
     assert latest["true-env-mpc-cartpole-s0"].info.status == "FINISHED"
     tables = (results / "tiny-failing" / "tables.md").read_text()
     assert "Failed trials" in tables and "persim-cartpole-random-r2-s0: DatasetError" in tables
+    assert "| cartpole | random | unreadable: " in tables  # Table 8 says why its row is missing
 
 
 @pytest.mark.parametrize("change, message", [

@@ -10,8 +10,7 @@ from persim_bench.algos.base import Algorithm, TrialContext
 from persim_bench.algos.d3rlpy_common import OfflinePolicySpec
 from persim_bench.algos.registry import ALGORITHMS, spec_sections
 from persim_bench.config import Grid, load_grid
-from persim_bench.data.dataset import write_parquet
-from persim_bench.data.generate import dataset_plans, record_shard, shard_entry, write_manifest
+from persim_bench.data.generate import dataset_plans, write_manifest, write_shard
 from persim_bench.envs import get_env
 from persim_bench.errors import GridError
 from persim_bench.orchestration.estimate import estimate
@@ -46,13 +45,7 @@ def tiny_grid(algo: str, env: str) -> Grid:
 def write_tiny_dataset(grid: Grid, root) -> None:
     """The generator's own shard and manifest code, without Ray: real Parquet for the one reader."""
     for plan in dataset_plans(grid, None):
-        folder = root / plan.env / plan.regime
-        entries = []
-        for shard in range(plan.n_shards):
-            path = folder / plan.shard_name(shard)
-            write_parquet(record_shard(plan, shard).to_table(), path)
-            entries.append(shard_entry(plan, shard, path))
-        write_manifest(plan, folder, entries)
+        write_manifest(plan, root, {shard: write_shard(plan, shard, root) for shard in range(plan.n_shards)})
 
 
 def contract_env(algo: Algorithm) -> str:

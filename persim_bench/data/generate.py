@@ -139,10 +139,15 @@ class ShardWriter:
     def __init__(self):
         torch.set_num_threads(1)  # one CPU per actor: keep torch's pool from oversubscribing it
 
-    def write(self, plan: DatasetPlan, shard: int, folder: str) -> dict:
-        path = Path(folder) / plan.shard_name(shard)
-        write_parquet(record_shard(plan, shard).to_table(plan.shard_metadata()), path)
-        return shard_entry(plan, shard, path)
+    def write(self, plan: DatasetPlan, shard: int, root: str) -> dict:
+        return write_shard(plan, shard, Path(root))
+
+
+def write_shard(plan: DatasetPlan, shard: int, root: Path) -> dict:
+    """Record one shard, write it atomically, and return its manifest entry."""
+    path = dataset_dir(root, plan.env, plan.regime) / plan.shard_name(shard)
+    write_parquet(record_shard(plan, shard).to_table(plan.shard_metadata()), path)
+    return shard_entry(plan, shard, path)
 
 
 def shard_entry(plan: DatasetPlan, shard: int, path: Path) -> dict:
@@ -186,9 +191,7 @@ def generate_datasets(grid: Grid, root: Path, policy_root: Path | None = None, n
         actors = [ShardWriter.remote() for _ in range(min(workers, len(todo)))]
         try:
             pool = ActorPool(actors)
-            jobs = pool.map_unordered(
-                lambda actor, job: actor.write.remote(job[0], job[1], str(dataset_dir(root, job[0].env, job[0].regime))),
-                todo)
+            jobs = pool.map_unordered(lambda actor, job: actor.write.remote(job[0], job[1], str(root)), todo)
             by_name = {plan.shard_name(shard): (plan, shard) for plan, shard in todo}
             rows = sum(entry["rows"] for shards in verified.values() for entry in shards.values())
             with tqdm(total=len(todo), desc="datasets", unit="shard", disable=not progress) as bar:

@@ -38,7 +38,7 @@ def connect_ray(address: str) -> None:
         check_reachable(address)
     try:
         if address == "local":
-            ray.init(include_dashboard=False, logging_level=logging.WARNING, configure_logging=True)
+            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, configure_logging=True)
         else:
             ray.init(address=address, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as err:
