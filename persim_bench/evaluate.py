@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import time
 import warnings
 from pathlib import Path
@@ -180,26 +181,44 @@ def timed(ctx: TrialContext, phase: str):
         ctx.costs[key] = ctx.costs.get(key, 0.0) + time.perf_counter() - started
 
 
-class WithinStateBox:
-    """A learned model whose predicted states are clamped into the env's state box; everything else goes to the model.
+class WithinBox:
+    """A learned model whose predicted states are clamped into a box; everything else goes to the model.
 
-    The env itself never leaves that box (gym's MountainCar clips position and velocity), so
-    this is known physics, like the reward function the planner is given.
+    Bounds [D] live on the model's device, made once: one clamp per step.
     """
 
-    def __init__(self, model: DynamicsModel, family: EnvFamily):
-        self.model, self.family = model, family
+    def __init__(self, model: DynamicsModel, low: torch.Tensor, high: torch.Tensor):
+        device = model_device(model)
+        self.model, self.low, self.high = model, low.to(device), high.to(device)
 
     def step(self, obs: torch.Tensor, action: torch.Tensor, agent: torch.Tensor) -> torch.Tensor:
-        return self.family.clip_state(self.model.step(obs, action, agent))
+        return self.model.step(obs, action, agent).clamp_(self.low, self.high)
 
     def __getattr__(self, name: str):
         return getattr(self.model, name)
 
 
 def as_simulator(model: DynamicsModel, family: EnvFamily, spec: "EvaluationSpec") -> DynamicsModel:
-    """The learned model as the evaluation uses it: held to the env's state box when the grid asks and the env has one."""
-    return WithinStateBox(model, family) if spec.clip_to_state_box and family.state_low is not None else model
+    """The learned model as the evaluation uses it, held to a box when the grid asks:
+
+    - the env's state box (``clip_to_state_box``): the env itself never leaves it (gym's MountainCar
+      clips position and velocity), known physics like the reward function the planner is given;
+    - the range of states in the model's training data, widened by ``data_box_margin`` of that range
+      on each side (``clip_to_data_box``): a model that has never seen a state has no business
+      predicting one ten times further out, which is how open-loop rollouts of an over-fitted
+      model run away.
+    """
+    low = torch.full((family.obs_dim,), -math.inf)
+    high = torch.full((family.obs_dim,), math.inf)
+    if spec.clip_to_state_box and family.state_low is not None:
+        low, high = torch.tensor(family.state_low), torch.tensor(family.state_high)
+    data_low, data_high = getattr(model, "data_low", None), getattr(model, "data_high", None)
+    if spec.clip_to_data_box and data_low is not None and torch.isfinite(data_low).all():
+        margin = spec.data_box_margin * (data_high - data_low).cpu()
+        low, high = torch.maximum(low, data_low.cpu() - margin), torch.minimum(high, data_high.cpu() + margin)
+    if torch.isinf(low).all() and torch.isinf(high).all():
+        return model
+    return WithinBox(model, low.float(), high.float())
 
 
 class CountingModel:
@@ -270,7 +289,10 @@ def evaluate_model(model: DynamicsModel, trial: Trial, ctx: TrialContext, planne
         metrics = prediction_error(counted, family, test_covariates(family), spec.test_agents, policy,
                                    spec.prediction_trajectories, spec.prediction_steps, spec.burn_in, trial.seed)
     metrics["prediction_policy"] = policy_name
-    metrics.update(plan_and_score(counted, trial, ctx, planner))
+    if spec.rewards:
+        metrics.update(plan_and_score(counted, trial, ctx, planner))
+    else:  # prediction only (``evaluation.rewards: false``)
+        record_model_cost(counted, family, ctx)
     return metrics
 
 

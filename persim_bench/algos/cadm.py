@@ -24,7 +24,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from persim_bench.algos.base import Algorithm, Trial, TrialContext
-from persim_bench.algos.nets import STEP_CHUNK, EnsembleMLP, in_row_chunks
+from persim_bench.algos.nets import STEP_CHUNK, EnsembleMLP, in_row_chunks, register_data_box, set_data_box
 from persim_bench.costmodel import (CADM_STEP_SECONDS, LAYER_SECONDS, STEP_SECONDS, TRAIN, Dynamics, mlp_seconds,
                                     mpc_reward_seconds, prediction_seconds)
 from persim_bench.data.dataset import Transitions
@@ -105,6 +105,7 @@ class CadmModel(nn.Module):
                                   ("act_mean", a, 0.0), ("act_std", a, 1.0),
                                   ("history_act_mean", history * a, 0.0), ("history_act_std", history * a, 1.0)):
             self.register_buffer(name, torch.full((width,), fill))
+        register_data_box(self, d)
         # PE-TS sampling noise: a generator on the device the model computes on (remade there when it moves).
         self.noise_seed = seed + 1
         self.noise = torch.Generator().manual_seed(self.noise_seed)
@@ -307,6 +308,7 @@ def training_tensors(model: CadmModel, data: Transitions, future: int) -> dict[s
     delta = next_obs - obs
     features = model.action_features(torch.as_tensor(data.action))
     model.set_normalizer(obs, delta, features, (features[window] * window_valid.unsqueeze(-1)).flatten(1))
+    set_data_box(model, obs, next_obs)
     return dict(obs=obs, next_obs=next_obs, delta=delta, features=features, window=window,
                 window_valid=window_valid, source=source, target=target)
 

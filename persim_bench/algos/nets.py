@@ -17,6 +17,21 @@ import torch
 from torch import nn
 
 
+def register_data_box(module: nn.Module, obs_dim: int) -> None:
+    """Buffers ``data_low``/``data_high`` [D]: the range of states the training data saw (unbounded until fitted).
+
+    Saved with the weights; the evaluation can hold predictions to it (``evaluation.clip_to_data_box``).
+    """
+    module.register_buffer("data_low", torch.full((obs_dim,), -math.inf))
+    module.register_buffer("data_high", torch.full((obs_dim,), math.inf))
+
+
+def set_data_box(module: nn.Module, obs: torch.Tensor, next_obs: torch.Tensor) -> None:
+    """Record the per-dimension min and max over the training rows' states and next states."""
+    module.data_low.copy_(torch.minimum(obs.amin(0), next_obs.amin(0)))
+    module.data_high.copy_(torch.maximum(obs.amax(0), next_obs.amax(0)))
+
+
 class EnsembleLinear(nn.Module):
     """M independent affine maps: x [M, B, in] (or [B, in], shared by all members) -> [M, B, out]."""
 

@@ -24,7 +24,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from persim_bench.algos.base import Algorithm, Trial, TrialContext
-from persim_bench.algos.nets import STEP_CHUNK, EnsembleMLP, Workspace, in_row_chunks
+from persim_bench.algos.nets import STEP_CHUNK, EnsembleMLP, Workspace, in_row_chunks, register_data_box, set_data_box
 from persim_bench.costmodel import STEP_SECONDS, TRAIN, Dynamics, mlp_seconds, mpc_reward_seconds, prediction_seconds
 from persim_bench.data.dataset import Transitions
 from persim_bench.envs import get_env
@@ -100,6 +100,7 @@ class PerSimEnsemble(nn.Module):
         # z-scoring statistics (identity unless ``set_normalizer`` is called); saved with the weights.
         for name, fill in (("obs_mean", 0.0), ("obs_std", 1.0), ("delta_mean", 0.0), ("delta_std", 1.0)):
             self.register_buffer(name, torch.full((family.obs_dim,), fill))
+        register_data_box(self, family.obs_dim)
 
     @classmethod
     def from_spec(cls, spec: PersimSpec, env: str, n_agents: int, seed: int, agent_factor: bool = True) -> "PerSimEnsemble":
@@ -234,6 +235,7 @@ def fit_persim(data: Transitions, spec: PersimSpec, seed: int, *, holdout: float
     delta = torch.as_tensor(data.next_obs, dtype=torch.float32, device=device) - obs
     if model.config["normalize"]:
         model.set_normalizer(obs[train_rows], delta[train_rows])
+    set_data_box(model, obs[train_rows], obs[train_rows] + delta[train_rows])
     obs_z, target = model.normalized(obs, delta)  # once for the whole dataset, not per step
     action = torch.as_tensor(data.action, device=device)
     action = action.long() if model.discrete else action.float()

@@ -84,7 +84,7 @@ class EnvFamily(ABC):
     # on the right slope beats one that swings it back to gain energy.
     shaping_weight: float = 0.0
     # The box the env itself keeps its states in (gym's MountainCar clips position and velocity);
-    # None where states are unbounded. Learned models may be held to it (``clip_state``).
+    # None where states are unbounded. Learned models may be held to it (``evaluate.as_simulator``).
     state_low: tuple[float, ...] | None = None
     state_high: tuple[float, ...] | None = None
     # The observation space's box where it is not the state box (gym's CartPole-v1 declares x and
@@ -99,17 +99,6 @@ class EnvFamily(ABC):
     @property
     def discrete(self) -> bool:
         return self.n_actions is not None
-
-    def clip_state(self, obs: torch.Tensor) -> torch.Tensor:
-        """Clamp states [..., D] into the env's state box, in place (a no-op without a box).
-
-        Scalar bounds per dimension: no bound tensor is built, or copied to the device, per planner step.
-        """
-        if self.state_low is None:
-            return obs
-        for dim, (low, high) in enumerate(zip(self.state_low, self.state_high)):
-            obs[..., dim].clamp_(low, high)
-        return obs
 
     @abstractmethod
     def batch(self, covariates: np.ndarray) -> BatchSim:
