@@ -122,3 +122,17 @@ def dataclasses_error():
     import dataclasses
 
     return dataclasses.FrozenInstanceError
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", ["persim", "cadm_vanilla"])
+def test_a_prediction_only_grid_skips_the_reward_phase(name, tmp_path):
+    base = tiny_grid(name, "cartpole")
+    grid = base.model_copy(update={"evaluation": base.evaluation.model_copy(update={"rewards": False})})
+    write_tiny_dataset(grid, tmp_path / "data")
+    (trial,) = main_trials(grid)
+    ctx = TrialContext(grid, tmp_path / "data", tmp_path / "policies", tmp_path / "work")
+    metrics = ALGORITHMS[name].run(trial, ctx)
+    assert all(math.isfinite(metrics[f"rmse_agent{a}"]) for a in TEST_AGENTS)
+    assert not any(key.startswith("reward_agent") for key in metrics) and "seconds_reward" not in ctx.costs
+    assert ctx.costs["model_rows"] > 0  # the prediction test's rows still counted
