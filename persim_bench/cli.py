@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from persim_bench.config import load_grid
-from persim_bench.errors import BenchError
+from persim_bench.errors import BenchError, Interrupted
 
 
 def grid_args(parser: argparse.ArgumentParser) -> None:
@@ -23,9 +23,13 @@ def cmd_data(args) -> None:
     from persim_bench.orchestration.cluster import connect_ray
     from persim_bench.orchestration.stages import prepare_data
 
+    from persim_bench.orchestration.guard import RunLock
+
     grid = load_grid(args.grid).narrowed(args.env, args.regime)
-    connect_ray(args.address)
-    prepare_data(grid, Path(args.results).resolve(), args.workers)
+    results = Path(args.results).resolve()
+    with RunLock(results, grid.name, f"persim-bench data --grid {args.grid}"):
+        connect_ray(args.address)
+        prepare_data(grid, results, args.workers)
 
 
 def cmd_export(args) -> None:
@@ -65,10 +69,13 @@ def cmd_tables(args) -> None:
     from persim_bench.orchestration.tables import write_tables
     from persim_bench.orchestration.tracking import default_tracking_uri
 
+    from persim_bench.orchestration.guard import check_tracking_store
+
     grid = load_grid(args.grid)
     results = Path(args.results).resolve()
-    out = write_tables(grid, args.mlflow_uri or default_tracking_uri(results), results,
-                       results / "datasets" / grid.name)
+    uri = args.mlflow_uri or default_tracking_uri(results)
+    check_tracking_store(uri)
+    out = write_tables(grid, uri, results, results / "datasets" / grid.name)
     print((out / "tables.md").read_text())
 
 
@@ -76,10 +83,13 @@ def cmd_report(args) -> None:
     from persim_bench.orchestration.report import write_report
     from persim_bench.orchestration.tracking import default_tracking_uri
 
+    from persim_bench.orchestration.guard import check_tracking_store
+
     grid = load_grid(args.grid)
     results = Path(args.results).resolve()
-    path = write_report(grid, args.mlflow_uri or default_tracking_uri(results), results,
-                        results / "datasets" / grid.name)
+    uri = args.mlflow_uri or default_tracking_uri(results)
+    check_tracking_store(uri)
+    path = write_report(grid, uri, results, results / "datasets" / grid.name)
     print(path.read_text())
     print(f"report in {path}")
 
@@ -166,8 +176,18 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+    except KeyboardInterrupt:
+        # A second Ctrl-C (or one outside Tune): what finished is kept (policies, shards, trials' runs).
+        sys.stderr.write("persim-bench: interrupted; rerun the same command to continue (`run` takes --resume)\n")
+        sys.exit(130)
+    except Interrupted as err:
+        print(f"persim-bench: {err}", file=sys.stderr)
+        sys.exit(130)
     except BenchError as err:
         sys.exit(f"persim-bench: {err}")
+    except OSError as err:  # a folder that cannot be written, a file that cannot be read: name it
+        where = f"{err.filename}: " if err.filename else ""
+        sys.exit(f"persim-bench: {where}{err.strerror or err}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ data.n_agents: ...``) and is raised before Ray starts.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -16,26 +17,31 @@ from pydantic import Field, ValidationError, ValidationInfo, create_model, field
 from persim_bench.algos.registry import ALGORITHMS, spec_sections
 from persim_bench.envs import ENVS, get_env
 from persim_bench.errors import GridError
-from persim_bench.specs import (REGIMES, DataSpec, EvaluationSpec, PlannerSpec, PolicySpec, Resources, Strict,
-                                check_known)
+from persim_bench.specs import (REGIMES, DataSpec, DistinctList, EvaluationSpec, FieldError, PlannerSpec, PolicySpec,
+                                Resources, Seed, Strict, check_known)
 
 ALGOS = tuple(ALGORITHMS)
 # The grids shipped with the package (a symlink to the repo's tune_configs/ in a checkout).
 CONFIG_DIR = Path(__file__).parent / "tune_configs"
 
 STAGE_KEYS = (*ALGOS, "rank_cv", "policies")  # what `resources:` may name
+# The grid's name names folders under the results folder (datasets/<name>, <name>/report): one plain path part.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MAX_GRID_BYTES = 1 << 20  # grids are a few kB; anything larger is not one
+MAX_MESSAGE_CHARS = 300  # field and message of an error, each (a message may quote a long value)
 
 
 class GridBase(Strict):
     """The grid's common fields; ``Grid`` adds one field per algorithm section of the registry."""
 
     name: str
-    seed: Annotated[int, Field(ge=0)] = 0
-    envs: list[str]
-    regimes: list[str]
-    algos: list[str] = list(ALGOS)
+    seed: Seed = 0
+    # At least one entry each, none twice (a repeated seed would put two trials in one MLflow run).
+    envs: DistinctList[str]
+    regimes: DistinctList[str]
+    algos: DistinctList[str] = list(ALGOS)
     # Repeats of every experiment (the paper: 5); each seed drives training, planning and evaluation.
-    seeds: list[Annotated[int, Field(ge=0)]] = [0, 1, 2, 3, 4]
+    seeds: DistinctList[Seed] = [0, 1, 2, 3, 4]
     data: DataSpec = DataSpec()
     policies: PolicySpec = PolicySpec()
     planner: PlannerSpec = PlannerSpec()
@@ -52,9 +58,18 @@ class GridBase(Strict):
         """Without an ``algos`` list: every registered algorithm that handles one of the grid's envs."""
         if isinstance(values, dict) and "algos" not in values and isinstance(values.get("envs"), list):
             envs = [get_env(env) for env in values["envs"] if env in ENVS]
-            values = {**values, "algos": [name for name, algo in ALGORITHMS.items()
-                                          if any(algo.supports(env.discrete) for env in envs)]}
+            algos = [name for name, algo in ALGORITHMS.items() if any(algo.supports(env.discrete) for env in envs)]
+            if algos:  # none: envs is refused itself (empty or unknown), not a second time as an empty algos
+                values = {**values, "algos": algos}
         return values
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        if not NAME_PATTERN.fullmatch(name) or ".." in name:
+            raise ValueError(f"{name!r} is not a plain name: 1-64 letters, digits, '.', '_' or '-', starting "
+                             f"with a letter or digit, without '..' (it names folders under the results folder)")
+        return name
 
     @field_validator("resources")
     @classmethod
@@ -74,16 +89,25 @@ class GridBase(Strict):
         kind, allowed = {"envs": ("env", ENVS), "regimes": ("regime", REGIMES), "algos": ("algorithm", ALGOS)}[info.field_name]
         return check_known(kind, names, allowed)
 
-    @model_validator(mode="after")
-    def _non_empty(self) -> "GridBase":
-        for key in ("envs", "regimes", "algos", "seeds"):
-            if not getattr(self, key):
-                raise ValueError(f"{key} must name at least one entry")
-        for name in self.algos:
+    @field_validator("algos")
+    @classmethod
+    def _algos_fit_envs(cls, names: list[str], info: ValidationInfo) -> list[str]:
+        envs = info.data.get("envs")  # absent when envs itself was refused
+        for name in names if envs else ():
             algo = ALGORITHMS[name]
-            if not any(algo.supports(get_env(env).discrete) for env in self.envs):
+            if not any(algo.supports(get_env(env).discrete) for env in envs):
                 raise ValueError(f"{name} supports {' and '.join(algo.action_spaces)} actions only, "
-                                 f"which none of the grid's envs ({', '.join(self.envs)}) has")
+                                 f"which none of the grid's envs ({', '.join(envs)}) has")
+        return names
+
+    @model_validator(mode="after")
+    def _per_env_settings_cover_envs(self) -> "GridBase":
+        """A setting given as {env: value} (``per_env_fields`` of each section) must name every env of the grid."""
+        for key in type(self).model_fields:
+            section = getattr(self, key)
+            if isinstance(section, Strict) and (missing := section.missing_env(self.envs)):
+                field, env = missing
+                raise FieldError(f"{key}.{field}", f"no value for env {env!r} (the grid's envs: {', '.join(self.envs)})")
         return self
 
     def narrowed(self, envs: list[str] | None = None, regimes: list[str] | None = None,
@@ -91,6 +115,8 @@ class GridBase(Strict):
         """The same grid restricted from the command line (``--env``, ``--regime``, ``--algo``, ``--seed``)."""
         update = {"envs": envs or self.envs, "regimes": regimes or self.regimes,
                   "algos": algos or self.algos, "seeds": seeds or self.seeds}
+        # `--seed 0 --seed 0` runs seed 0 once (twice would put two trials in one MLflow run).
+        update = {key: list(dict.fromkeys(chosen)) for key, chosen in update.items()}
         for key, chosen in update.items():
             extra = sorted(set(chosen) - set(getattr(self, key)))
             if extra:
@@ -131,24 +157,105 @@ def load_grid(name_or_path: str | Path) -> Grid:
     try:
         return Grid.model_validate(raw)
     except ValidationError as err:
-        first = err.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]) or "(top level)"
-        message = first["msg"].removeprefix("Value error, ")
-        more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
-        raise GridError(f"{path}: {field}: {message}{more}") from None
+        raise GridError(_one_line(f"{path}: {_validation_message(err)}")) from None
+
+
+# Where a field may take one of several types (``int | dict[str, int]``), pydantic reports an error per
+# type and adds the type's tag to the error's place: "planner.horizon.constrained-int". Tags are not fields.
+_UNION_TAG = re.compile(r".*\[.*|(constrained-)?(int|float|str|bool|none|list|dict)")
+
+
+def _field_path(error: dict) -> tuple[str, ...]:
+    parts = tuple(str(part) for part in error["loc"] if not (isinstance(part, str) and _UNION_TAG.fullmatch(part)))
+    field_error = (error.get("ctx") or {}).get("error")
+    if isinstance(field_error, FieldError):  # a model validator naming one field of its model
+        parts += tuple(field_error.field.split("."))
+    return parts
+
+
+def _validation_message(err: ValidationError) -> str:
+    """``field: message (+N more)`` for a grid's validation error: its first problem, said as precisely as
+    pydantic knows it (of a field's alternative types, the error that got deepest into the value)."""
+    errors = [(_field_path(error), error) for error in err.errors()]
+    first = errors[0][0]
+    # Errors of the first field's alternative types: the deepest one says the most ("horizon.cartpole:
+    # greater than 0" rather than "horizon: not a valid integer").
+    field, error = max((e for e in errors if e[0][:len(first)] == first), key=lambda e: len(e[0]))
+    others = {path for path, _ in errors if path[:len(first)] != first}
+    message = error["msg"].removeprefix("Value error, ")
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[:MAX_MESSAGE_CHARS] + "..."
+    more = f" (+{len(others)} more)" if others else ""
+    where = ".".join(field) or "(top level)"
+    if len(where) > MAX_MESSAGE_CHARS:  # an unknown key can be any string
+        where = where[:MAX_MESSAGE_CHARS] + "..."
+    return f"{where}: {message}{more}"
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.splitlines())
+
+
+class _GridLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: the base class says so
+                    continue
+                if duplicate:
+                    raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
+                                                            f"found duplicate key {key!r}", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def _read_grid_text(path: Path) -> str:
+    """The file's text, or a one-line GridError naming the file (missing, a folder, unreadable, binary, huge)."""
+    if path.is_dir():
+        raise GridError(f"{path}: is a folder, not a grid file")
+    if path.exists() and not path.is_file():  # a FIFO would block the read, a device never end it
+        raise GridError(f"{path}: not a regular file")
+    try:
+        with path.open("rb") as file:
+            data = file.read(MAX_GRID_BYTES + 1)
+    except FileNotFoundError:
+        raise GridError(f"{path}: no such grid file") from None
+    except IsADirectoryError:
+        raise GridError(f"{path}: is a folder, not a grid file") from None
+    except PermissionError:
+        raise GridError(f"{path}: cannot read the grid file (permission denied)") from None
+    except OSError as err:
+        raise GridError(_one_line(f"{path}: cannot read the grid file ({err.strerror or err})")) from None
+    if len(data) > MAX_GRID_BYTES:
+        raise GridError(f"{path}: over {MAX_GRID_BYTES // 1024} KiB, too large for a grid file")
+    if b"\0" in data:
+        raise GridError(f"{path}: a binary file, not a YAML grid")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise GridError(f"{path}: not UTF-8 text (byte {err.start}), not a YAML grid") from None
 
 
 def _load_raw(path: Path, seen: tuple[Path, ...]) -> dict:
     if path.resolve() in seen:
         raise GridError(f"{path}: extends itself ({' -> '.join(map(str, seen))})")
+    text = _read_grid_text(path)
     try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise GridError(f"{path}: no such grid file") from None
+        raw = yaml.load(text, Loader=_GridLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
-        raise GridError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+        raise GridError(_one_line(f"{path}: not valid YAML{where}: {getattr(err, 'problem', None) or err}")) from None
+    except RecursionError:  # deeply nested flow collections ([[[[...]]]])
+        raise GridError(f"{path}: not valid YAML: nested too deeply") from None
     if not isinstance(raw, dict):
         raise GridError(f"{path}: a grid must be a YAML mapping, got {type(raw).__name__}")
     base = raw.pop("extends", None)

@@ -16,3 +16,7 @@ class ClusterError(BenchError):
 
 class TrackingError(BenchError):
     """MLflow does not hold what a command needs (no experiment, no finished run)."""
+
+
+class Interrupted(BenchError):
+    """Ctrl-C stopped a run; what finished is kept, its MLflow runs end KILLED, ``--resume`` continues it."""

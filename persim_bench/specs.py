@@ -6,9 +6,9 @@ module may import this one.
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from persim_bench.envs import ENVS
 from persim_bench.errors import GridError
@@ -18,10 +18,61 @@ REGIMES = ("pure", "random", "pure-eps-20", "pure-eps-40")
 REGIME_EPSILON = {"pure": 0.0, "pure-eps-20": 0.2, "pure-eps-40": 0.4}
 
 PositiveInt = Annotated[int, Field(gt=0)]
+# Seeds reach numpy and torch generators (torch takes at most 64 bits; offsets such as seed + 100 are added).
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
+
+
+class FieldError(ValueError):
+    """A model validator's error about one field: ``load_grid`` names ``field`` (dotted, below the
+    model's own place in the grid) instead of the whole section."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def non_empty(values):
+    if not values:
+        raise ValueError("must name at least one entry")
+    return values
+
+
+def no_duplicates(values):
+    seen = set()
+    for value in values:
+        if value in seen:
+            raise ValueError(f"{value!r} is listed more than once")
+        seen.add(value)
+    return values
+
+
+T = TypeVar("T")
+# A list whose entries each make work of their own (trials, runs, ranks, policies): at least one, none twice.
+DistinctList = Annotated[list[T], AfterValidator(non_empty), AfterValidator(no_duplicates)]
+# A list that must not be empty but may repeat (per-layer settings).
+NonEmptyList = Annotated[list[T], AfterValidator(non_empty)]
+# Hidden layers of a d3rlpy baseline's nets: d3rlpy cannot build an encoder without one.
+HiddenUnits = NonEmptyList[PositiveInt]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Base of every grid section: unknown keys are errors, and no float anywhere (nested dicts and
+    lists included) may be inf or nan (``allow_inf_nan``), so one bad number cannot reach a trial."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    # Fields given once for all envs or as {env: value} and read with ``per_env`` (which needs every
+    # env of the grid): the grid refuses a mapping that leaves one of its envs out.
+    per_env_fields: ClassVar[tuple[str, ...]] = ()
+
+    def missing_env(self, envs) -> tuple[str, str] | None:
+        """(field, env) of the first per-env mapping without a value for one of ``envs``; None if all cover them."""
+        for field in self.per_env_fields:
+            value = getattr(self, field)
+            if isinstance(value, dict):
+                for env in envs:
+                    if env not in value:
+                        return field, env
+        return None
 
 
 def per_env(value, env: str):
@@ -71,6 +122,7 @@ class DataSpec(Strict):
 class PlannerSpec(Strict):
     """The one MPC planner (paper Sec. 5, App. D.1): random shooting for discrete actions, CEM for continuous."""
 
+    per_env_fields: ClassVar[tuple[str, ...]] = ("horizon", "candidates")
     horizon: PositiveInt | dict[str, PositiveInt] = {"mountaincar": 50, "cartpole": 30, "halfcheetah": 30}
     candidates: PositiveInt | dict[str, PositiveInt] = {"mountaincar": 1000, "cartpole": 1000, "halfcheetah": 200}
     # Paper: gamma 0.93 and the pessimistic minimum over ensemble members; authors' final code: 1.0 and mean.
@@ -86,7 +138,8 @@ class PlannerSpec(Strict):
 
     @model_validator(mode="after")
     def _elites_fit(self) -> "PlannerSpec":
-        smallest = min(self.candidates.values()) if isinstance(self.candidates, dict) else self.candidates
+        # An empty {env: candidates} is refused by the grid (no value for its envs).
+        smallest = min(self.candidates.values(), default=self.elites) if isinstance(self.candidates, dict) else self.candidates
         if self.elites > smallest:
             raise ValueError(f"elites ({self.elites}) must not exceed candidates ({smallest})")
         return self
@@ -99,11 +152,13 @@ class PolicySpec(Strict):
     (default agent) drive the prediction-error test. Budgets are environment steps.
     """
 
+    per_env_fields: ClassVar[tuple[str, ...]] = ("budget", "test_budget")
     budget: PositiveInt | dict[str, PositiveInt] = {"mountaincar": 100_000, "cartpole": 5_000, "halfcheetah": 300_000}
     test_budget: PositiveInt | dict[str, PositiveInt] = {"mountaincar": 100_000, "cartpole": 5_000,
                                                          "halfcheetah": 300_000}
+    # Hidden layers of the DQN / TD3 nets; [] = linear nets (PolicyNet builds them).
     hidden: list[PositiveInt] = [256, 256]
-    seed: Annotated[int, Field(ge=0)] = 0
+    seed: Seed = 0
     # Parallel copies of the agent stepped together while training.
     n_envs: PositiveInt = 8
     # Checkpoints: every `eval_every` env steps (and at the end of training) the greedy policy is
@@ -198,7 +253,7 @@ class PolicySpec(Strict):
 class EvaluationSpec(Strict):
     """Shared evaluation (paper Sec. 6.2-6.3, App. F)."""
 
-    test_agents: list[Annotated[int, Field(ge=0, le=4)]] = [0, 1, 2, 3, 4]
+    test_agents: DistinctList[Annotated[int, Field(ge=0, le=4)]] = [0, 1, 2, 3, 4]
     prediction_trajectories: PositiveInt = 200
     prediction_steps: PositiveInt = 50
     # One-step burn-in before the open-loop window (authors' code: 10).

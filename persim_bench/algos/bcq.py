@@ -15,7 +15,7 @@ from pydantic import Field
 from persim_bench.algos.d3rlpy_common import OfflinePolicySpec, PolicyCost, d3rlpy_device, offline_policy_entries, step_overhead
 from persim_bench.costmodel import TRAIN
 from persim_bench.envs import get_env
-from persim_bench.specs import PositiveInt
+from persim_bench.specs import HiddenUnits, PositiveInt
 
 if TYPE_CHECKING:
     from persim_bench.config import Grid
@@ -30,10 +30,10 @@ class BCQSpec(OfflinePolicySpec):
     """
 
     # Continuous: hidden layers of the perturbation actor and of each twin critic (d3rlpy: 256-256).
-    actor_hidden: list[PositiveInt] = [400, 300]
-    critic_hidden: list[PositiveInt] = [400, 300]
+    actor_hidden: HiddenUnits = [400, 300]
+    critic_hidden: HiddenUnits = [400, 300]
     # Continuous: VAE encoder and decoder hidden layers (d3rlpy: 256-256).
-    vae_hidden: list[PositiveInt] = [750, 750]
+    vae_hidden: HiddenUnits = [750, 750]
     # Continuous: Adam learning rate of actor, critic and VAE (original and d3rlpy: 1e-3).
     lr: Annotated[float, Field(gt=0)] = 1e-3
     # Continuous: minibatch size (original and d3rlpy: 100).
@@ -43,7 +43,7 @@ class BCQSpec(OfflinePolicySpec):
     target_samples: PositiveInt = 10
     act_samples: PositiveInt = 100
     # Discrete: hidden layers of the Q network and of the separate imitation network (d3rlpy: 256-256, shared).
-    discrete_hidden: list[PositiveInt] = [256, 256]
+    discrete_hidden: HiddenUnits = [256, 256]
     # Discrete: Adam learning rate (d3rlpy: 6.25e-5, the original's Atari setting).
     discrete_lr: Annotated[float, Field(gt=0)] = 3e-4
     # Discrete: minibatch size (d3rlpy: 32, the original's Atari setting).

@@ -30,7 +30,7 @@ from persim_bench.costmodel import (CADM_STEP_SECONDS, LAYER_SECONDS, STEP_SECON
 from persim_bench.data.dataset import Transitions
 from persim_bench.envs import get_env
 from persim_bench.evaluate import evaluate_model, load_trial_data
-from persim_bench.specs import PositiveInt, Strict
+from persim_bench.specs import NonEmptyList, PositiveInt, Strict
 
 if TYPE_CHECKING:
     from persim_bench.config import Grid
@@ -49,9 +49,10 @@ class CadmSpec(Strict):
     context_dim: PositiveInt = 10
     context_hidden: list[PositiveInt] = [256, 128, 64]
     hidden: list[PositiveInt] = [200, 200, 200, 200]
-    # L2 penalty wd * 1/2 sum W^2: hidden layer i uses entry i, the output layer the last entry.
-    weight_decay: list[Annotated[float, Field(ge=0)]] = [2.5e-5, 5e-5, 7.5e-5, 7.5e-5, 1e-4]
-    context_weight_decay: list[Annotated[float, Field(ge=0)]] = [2.5e-5, 5e-5, 7.5e-5]
+    # L2 penalty wd * 1/2 sum W^2: hidden layer i uses entry i, the output layer the last entry (so at
+    # least one entry, even for [] hidden layers: the nets are then linear).
+    weight_decay: NonEmptyList[Annotated[float, Field(ge=0)]] = [2.5e-5, 5e-5, 7.5e-5, 7.5e-5, 1e-4]
+    context_weight_decay: NonEmptyList[Annotated[float, Field(ge=0)]] = [2.5e-5, 5e-5, 7.5e-5]
     back_coeff: Annotated[float, Field(ge=0)] = 0.5
     # PE-TS: probabilistic members and trajectory-sampling particles (a multiple of the members).
     pets_members: PositiveInt = 5

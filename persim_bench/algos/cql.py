@@ -17,7 +17,7 @@ from pydantic import Field, model_validator
 from persim_bench.algos.d3rlpy_common import OfflinePolicySpec, PolicyCost, d3rlpy_device, offline_policy_entries
 from persim_bench.costmodel import TRAIN
 from persim_bench.envs import get_env
-from persim_bench.specs import PositiveInt
+from persim_bench.specs import HiddenUnits, PositiveInt
 
 if TYPE_CHECKING:
     from persim_bench.config import Grid
@@ -40,8 +40,8 @@ class CQLSpec(OfflinePolicySpec):
 
     # Continuous: hidden layers of the tanh-Gaussian actor and of each twin critic (official: 3 x 256;
     # d3rlpy: 256-256).
-    actor_hidden: list[PositiveInt] = [256, 256, 256]
-    critic_hidden: list[PositiveInt] = [256, 256, 256]
+    actor_hidden: HiddenUnits = [256, 256, 256]
+    critic_hidden: HiddenUnits = [256, 256, 256]
     # Continuous: Adam learning rates. Actor 1e-4 (official README for Gym-MuJoCo, 3e-4 also "works";
     # its kitchen example uses 3e-5), critic 3e-4, SAC temperature as the actor (all = d3rlpy's defaults).
     actor_lr: Annotated[float, Field(gt=0)] = 1e-4
@@ -58,7 +58,7 @@ class CQLSpec(OfflinePolicySpec):
     # actions plus the entropy term (official policy_eval_start 40000; not in d3rlpy).
     bc_warmup_steps: Annotated[int, Field(ge=0)] = 40_000
     # Discrete: hidden layers of the QR-DQN network (official: the Atari conv net + 512; d3rlpy: 256-256).
-    discrete_hidden: list[PositiveInt] = [256, 256]
+    discrete_hidden: HiddenUnits = [256, 256]
     # Discrete: quantiles of QR-DQN (official num_atoms 200; d3rlpy: a plain mean Q-function).
     discrete_quantiles: PositiveInt = 200
     # Discrete: Adam learning rate and epsilon (official 5e-5 and 3.125e-4 = 0.01/32; d3rlpy 6.25e-5 and 1e-8).

@@ -16,7 +16,7 @@ from pydantic import Field
 from persim_bench.algos.d3rlpy_common import OfflinePolicySpec, PolicyCost, d3rlpy_device, offline_policy_entries
 from persim_bench.costmodel import TRAIN
 from persim_bench.envs import get_env
-from persim_bench.specs import PositiveInt
+from persim_bench.specs import HiddenUnits, PositiveInt
 
 if TYPE_CHECKING:
     from persim_bench.config import Grid
@@ -36,9 +36,9 @@ class IQLSpec(OfflinePolicySpec):
     """
 
     # Hidden layers of the actor, of each of the two critics and of the value net (official and d3rlpy: 256-256).
-    actor_hidden: list[PositiveInt] = [256, 256]
-    critic_hidden: list[PositiveInt] = [256, 256]
-    value_hidden: list[PositiveInt] = [256, 256]
+    actor_hidden: HiddenUnits = [256, 256]
+    critic_hidden: HiddenUnits = [256, 256]
+    value_hidden: HiddenUnits = [256, 256]
     # Adam learning rates: actor; critics and value net (official: 3e-4 each; d3rlpy: 3e-4, one optimizer for both).
     actor_lr: Annotated[float, Field(gt=0)] = 3e-4
     critic_lr: Annotated[float, Field(gt=0)] = 3e-4

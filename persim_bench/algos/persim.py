@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING, Annotated, Callable, Literal
+from typing import TYPE_CHECKING, Annotated, Callable, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from persim_bench.costmodel import STEP_SECONDS, TRAIN, Dynamics, mlp_seconds, m
 from persim_bench.data.dataset import Transitions
 from persim_bench.envs import get_env
 from persim_bench.evaluate import evaluate_model, load_trial_data
-from persim_bench.specs import PositiveInt, Strict, known_env_keys, per_env
+from persim_bench.specs import DistinctList, PositiveInt, Strict, known_env_keys, per_env
 
 if TYPE_CHECKING:
     from persim_bench.config import Grid
@@ -40,10 +40,11 @@ FORMAT = "persim-ensemble/1"
 class PersimSpec(Strict):
     """PerSim's model and training (paper App. D.1). Defaults are the paper's."""
 
+    per_env_fields: ClassVar[tuple[str, ...]] = ("rank", "state_hidden", "normalize")
     # "cv": the rank_cv stage picks it per env x regime from rank_grid (the paper); or pin it,
     # once for all envs or per env (the paper's picks: 3 / 5 / 20).
     rank: Literal["cv"] | PositiveInt | dict[str, PositiveInt] = "cv"
-    rank_grid: list[PositiveInt] = [3, 5, 10, 15, 20, 30]
+    rank_grid: DistinctList[PositiveInt] = [3, 5, 10, 15, 20, 30]
     # Share of transitions (random rows) held out to score each rank.
     cv_holdout: Annotated[float, Field(gt=0, lt=1)] = 0.2
     # The pick: the smallest rank whose held-out loss is within (1 + cv_tolerance) x the lowest.
@@ -57,7 +58,8 @@ class PersimSpec(Strict):
     epochs: PositiveInt = 300
     batch_size: PositiveInt = 256
     lr: Annotated[float, Field(gt=0)] = 1e-3
-    # State encoder hidden layers (paper: one layer of 256 for MountainCar/CartPole, (256, 512, 512) for HalfCheetah).
+    # State encoder hidden layers (paper: one layer of 256 for MountainCar/CartPole, (256, 512, 512) for HalfCheetah);
+    # [] = a linear encoder (EnsembleMLP), as [] for action_hidden.
     state_hidden: list[PositiveInt] | dict[str, list[PositiveInt]] = {
         "mountaincar": [256], "cartpole": [256], "halfcheetah": [256, 512, 512]}
     # Action encoder hidden layers for continuous actions (discrete actions: one linear layer on the one-hot).

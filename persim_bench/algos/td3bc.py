@@ -14,7 +14,7 @@ from pydantic import Field
 from persim_bench.algos.d3rlpy_common import OfflinePolicySpec, PolicyCost, d3rlpy_device, offline_policy_entries
 from persim_bench.costmodel import TRAIN
 from persim_bench.envs import get_env
-from persim_bench.specs import PositiveInt
+from persim_bench.specs import HiddenUnits, PositiveInt
 
 if TYPE_CHECKING:
     from persim_bench.config import Grid
@@ -30,8 +30,8 @@ class TD3BCSpec(OfflinePolicySpec):
     """
 
     # Hidden layers of the deterministic tanh actor and of each of the two critics (official and d3rlpy: 256-256).
-    actor_hidden: list[PositiveInt] = [256, 256]
-    critic_hidden: list[PositiveInt] = [256, 256]
+    actor_hidden: HiddenUnits = [256, 256]
+    critic_hidden: HiddenUnits = [256, 256]
     # Adam learning rate of actor and critics (official and d3rlpy: 3e-4).
     lr: Annotated[float, Field(gt=0)] = 3e-4
     # Minibatch size (official and d3rlpy: 256).

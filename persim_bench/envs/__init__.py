@@ -31,7 +31,7 @@ def _default_mujoco_gl() -> None:
 _default_mujoco_gl()
 
 from persim_bench.envs import cartpole, halfcheetah, mountaincar  # after MUJOCO_GL, on purpose
-from persim_bench.envs.base import BatchSim, EnvFamily, SingleAgentEnv
+from persim_bench.envs.base import BatchSim, CovariateError, EnvFamily, SingleAgentEnv
 
 ENVS: dict[str, EnvFamily] = {m.FAMILY.name: m.FAMILY for m in (mountaincar, cartpole, halfcheetah)}
 
@@ -43,4 +43,22 @@ def get_env(name: str) -> EnvFamily:
         raise ValueError(f"unknown env {name!r}; known: {', '.join(ENVS)}") from None
 
 
-__all__ = ["ENVS", "BatchSim", "EnvFamily", "SingleAgentEnv", "get_env"]
+def covariate_ranges_markdown() -> str:
+    """The covariates every env accepts, as a markdown table (for the README).
+
+    Accepted ranges are closed (``EnvFamily.covariate_valid``; each family's module says why);
+    anything else (not finite, out of range, not [N, C]) raises ``CovariateError`` from
+    ``gymnasium.make``, ``EnvFamily.batch`` and ``EnvFamily.true_dynamics``. The paper's sampling
+    range, from which the training agents are drawn, is narrower.
+    """
+    rows = ["| env | covariate | accepted (closed) | paper's sampling range | default |",
+            "|---|---|---|---|---|"]
+    for family in ENVS.values():
+        for i, name in enumerate(family.covariate_names):
+            low, high = family.covariate_valid[i]
+            rows.append(f"| `{family.gym_id}` | `{name}` | [{low:g}, {high:g}] | "
+                        f"[{family.covariate_low[i]:g}, {family.covariate_high[i]:g}] | {family.default_covariates[i]:g} |")
+    return "\n".join(rows) + "\n"
+
+
+__all__ = ["ENVS", "BatchSim", "CovariateError", "EnvFamily", "SingleAgentEnv", "covariate_ranges_markdown", "get_env"]

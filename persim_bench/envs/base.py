@@ -15,6 +15,8 @@ import gymnasium
 import numpy as np
 import torch
 
+from persim_bench.errors import BenchError
+
 # (obs [B, D], action [B] long or [B, A] float, agent [B] long) -> next_obs [B, D]; all torch.
 # ``agent`` indexes the covariate table the function was built for, so one call can serve rows
 # of several agents (the planner batches episodes of all test agents together).
@@ -26,6 +28,13 @@ TorchDynamics = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tenso
 UNBOUNDED = float(np.finfo(np.float32).max)
 
 
+class CovariateError(BenchError, ValueError):
+    """Covariates a family refuses: not numbers, not finite, outside ``covariate_valid`` or not [N, C].
+
+    The message is one line naming the env, the covariate, the bad value and the accepted range.
+    """
+
+
 class Renderer(Protocol):
     """Draws one agent of a BatchSim in its current state; what ``EnvFamily.renderer`` returns."""
 
@@ -35,12 +44,15 @@ class Renderer(Protocol):
 
 
 class BatchSim(ABC):
-    """N agents stepped together; agent i uses covariates[i]. numpy in, numpy out."""
+    """N agents stepped together; agent i uses covariates[i]. numpy in, numpy out.
 
-    def __init__(self, covariates: np.ndarray):
-        self.covariates = np.asarray(covariates, dtype=np.float64)
-        if self.covariates.ndim != 2:
-            raise ValueError(f"covariates must be [N, C], got shape {self.covariates.shape}")
+    The covariates pass ``family.check_covariates`` first (CovariateError otherwise): every
+    simulator (data generation, evaluation, the gymnasium view) refuses agents outside the range.
+    """
+
+    def __init__(self, covariates: np.ndarray, family: EnvFamily):
+        self.family = family
+        self.covariates = family.check_covariates(covariates)
         self.n = len(self.covariates)
 
     @abstractmethod
@@ -50,6 +62,20 @@ class BatchSim(ABC):
     @abstractmethod
     def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Advance every agent one step: (next_obs float32 [N, D], reward [N], terminated [N])."""
+
+    def _require_finite(self, obs: np.ndarray) -> np.ndarray:
+        """``obs``, or FloatingPointError naming the first agent whose state is no longer finite.
+
+        Accepted covariates keep every family finite (tests/test_env_covariates.py), so this only
+        fires on a state made non-finite from outside; data with NaN in it is never returned.
+        """
+        finite = np.isfinite(obs).all(axis=1)
+        if not finite.all():
+            agent = int(np.flatnonzero(~finite)[0])
+            covariates = ", ".join(f"{name}={value:g}" for name, value in
+                                   zip(self.family.covariate_names, self.covariates[agent]))
+            raise FloatingPointError(f"{self.family.gym_id}: agent {agent} ({covariates}) reached a non-finite state")
+        return obs
 
     # The gymnasium info dicts. Only SingleAgentEnv asks for them, after the fact, so the data
     # generator's hot loop never pays for them.
@@ -72,8 +98,14 @@ class EnvFamily(ABC):
     action_dim: int                # 1 for discrete (stored as an int), else the vector size
     horizon: int                   # episode cap of the paper
     covariate_names: tuple[str, ...]
+    # The paper's sampling box: agents beyond the test agents are drawn uniformly from it.
     covariate_low: tuple[float, ...]
     covariate_high: tuple[float, ...]
+    # The covariates the simulators accept, one (low, high) per covariate, CLOSED on both ends:
+    # low <= value <= high, finite. Wider than the sampling box (users may probe agents outside
+    # the paper's range) but physically meaningful and numerically sane: every corner of the box
+    # runs 1000 steps without a NaN/inf (tests/test_env_covariates.py). Each family says why.
+    covariate_valid: tuple[tuple[float, float], ...]
     default_covariates: tuple[float, ...]
     test_agents: tuple[tuple[float, ...], ...]     # agents 0-4 of every dataset
     policy_agents: tuple[tuple[float, ...], ...]   # agents the logging policies are trained on
@@ -115,6 +147,36 @@ class EnvFamily(ABC):
     @abstractmethod
     def true_dynamics(self, covariates: np.ndarray) -> TorchDynamics:
         """Ground-truth next-observation function for agents with covariates [N, C] (True env + MPC)."""
+
+    def check_covariates(self, covariates: Any, *, flat_is_one_agent: bool = False) -> np.ndarray:
+        """``covariates`` as a float64 [N, C] array (a copy), or CovariateError (one line).
+
+        Refused: anything not numbers, a shape other than [N, C] (C = len(covariate_names)), and
+        any value that is not finite or lies outside its closed ``covariate_valid`` range.
+        ``flat_is_one_agent`` also takes a flat [C] as one agent (``true_dynamics`` does).
+        """
+        names = self.covariate_names
+        try:
+            table = np.array(covariates, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise CovariateError(
+                f"{self.gym_id}: covariates must be numbers ({', '.join(names)}) per agent, "
+                f"got {_one_line(covariates)}") from None
+        if flat_is_one_agent and table.ndim <= 1 and table.size == len(names):
+            table = table.reshape(1, len(names))
+        if table.ndim != 2 or table.shape[1] != len(names):
+            raise CovariateError(
+                f"{self.gym_id}: covariates must be an array [N, {len(names)}] of ({', '.join(names)}), "
+                f"got shape {table.shape}")
+        for column, name, (low, high) in zip(table.T, names, self.covariate_valid):
+            bad = np.flatnonzero(~((column >= low) & (column <= high)))  # NaN fails both comparisons
+            if len(bad):
+                value = float(column[bad[0]])
+                problem = "is out of range" if np.isfinite(value) else "is not finite"
+                where = f" (agent {bad[0]} of {len(table)})" if len(table) > 1 else ""
+                raise CovariateError(f"{self.gym_id}: {name}={value!r} {problem}{where}; "
+                                     f"accepted: {low:g} <= {name} <= {high:g}")
+        return table
 
     def shaping_value(self, next_obs: torch.Tensor) -> torch.Tensor:
         return next_obs[..., 0]
@@ -190,9 +252,9 @@ class SingleAgentEnv(gymnasium.Env):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"{family.gym_id}: render_mode {render_mode!r} is not one of {self.metadata['render_modes']}")
         self.family = family
-        self.covariates = tuple(float(c) for c in covariates)
+        self.covariates = _scalar_covariates(family, covariates)
         self.render_mode = render_mode
-        self.sim = family.batch(np.asarray([self.covariates]))
+        self.sim = family.batch(np.asarray([self.covariates]))  # checks the range
         self.action_space = family.action_space()
         self.observation_space = family.observation_space()
         self._renderer: Renderer | None = None
@@ -222,6 +284,29 @@ class SingleAgentEnv(gymnasium.Env):
         if self._renderer is not None:
             self._renderer.close()
             self._renderer = None
+
+
+def _scalar_covariates(family: EnvFamily, values: tuple) -> tuple[float, ...]:
+    """One agent's covariates (the keyword arguments of ``make_env``) as floats, or CovariateError."""
+    values = tuple(values)
+    if len(values) != len(family.covariate_names):
+        raise CovariateError(f"{family.gym_id}: expected {len(family.covariate_names)} covariates "
+                             f"({', '.join(family.covariate_names)}), got {len(values)}")
+    floats = []
+    for name, value in zip(family.covariate_names, values):
+        try:
+            if np.ndim(value) != 0:
+                raise TypeError
+            floats.append(float(value))
+        except (TypeError, ValueError):
+            raise CovariateError(f"{family.gym_id}: {name} must be a single number, got {_one_line(value)}") from None
+    return tuple(floats)
+
+
+def _one_line(value: Any, limit: int = 80) -> str:
+    """repr(value) on one line, cut to ``limit`` characters (error messages are one line)."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _first(info: dict[str, np.ndarray]) -> dict[str, Any]:

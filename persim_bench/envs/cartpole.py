@@ -42,8 +42,8 @@ def cartpole_failed(next_obs: torch.Tensor) -> torch.Tensor:
 
 
 class CartPoleBatch(BatchSim):
-    def __init__(self, covariates: np.ndarray):
-        super().__init__(covariates)
+    def __init__(self, covariates: np.ndarray, family: EnvFamily | None = None):
+        super().__init__(covariates, FAMILY if family is None else family)
         self.length = torch.from_numpy(self.covariates[:, 0].copy())
         self.force_mag = torch.from_numpy(self.covariates[:, 1].copy())
         self.state: torch.Tensor | None = None
@@ -56,8 +56,11 @@ class CartPoleBatch(BatchSim):
         action = torch.as_tensor(np.asarray(actions).reshape(self.n))
         self.state = cartpole_step(self.state, action, self.length, self.force_mag)
         terminated = cartpole_failed(self.state).numpy()
+        # float32 overflow becomes inf, which _require_finite refuses, so silence numpy's own warning
+        with np.errstate(over="ignore"):
+            obs = self._require_finite(self.state.numpy().astype(np.float32))
         # gym pays 1 for every step, the failing one included.
-        return self.state.numpy().astype(np.float32), np.ones(self.n), terminated
+        return obs, np.ones(self.n), terminated
 
 
 class CartPole(EnvFamily):
@@ -70,6 +73,13 @@ class CartPole(EnvFamily):
     covariate_names = ("length", "force")
     covariate_low = (0.15, 2.0)
     covariate_high = (0.85, 18.0)
+    # Accepted (closed): 0.05 <= length <= 5 (m, the pole's half-length), 0.1 <= force <= 100 (N).
+    # A length of 0 divides by zero in theta_acc and a negative one flips the pole's physics; a force
+    # of 0 never pushes and a negative one swaps the two actions. gym's Euler step (TAU = 0.02 s) gets
+    # stiff for short poles and large forces: length 0.01 with force 100 overflows float32 within
+    # ~100 steps, while every corner of this box (5x that length; 10x gym's 0.5 m and 10 N at the top)
+    # stays finite for 1000 steps even stepped on past termination (largest |obs| ~2e4).
+    covariate_valid = ((0.05, 5.0), (0.1, 100.0))
     default_covariates = (0.5, 10.0)
     # The paper lists (force, length); we store (length, force) to match the gym keyword order.
     test_agents = ((0.5, 2.0), (0.5, 10.0), (0.5, 18.0), (0.85, 10.0), (0.15, 10.0))
@@ -81,7 +91,7 @@ class CartPole(EnvFamily):
     render_fps = 50  # gym's: 1 / TAU
 
     def batch(self, covariates):
-        return CartPoleBatch(covariates)
+        return CartPoleBatch(covariates, self)
 
     def reward(self, obs, action, next_obs):
         return torch.ones(next_obs.shape[:1], dtype=next_obs.dtype, device=next_obs.device)
@@ -90,7 +100,7 @@ class CartPole(EnvFamily):
         return cartpole_failed(next_obs)
 
     def true_dynamics(self, covariates) -> TorchDynamics:
-        table = torch.as_tensor(np.asarray(covariates, dtype=np.float64).reshape(-1, 2))
+        table = torch.as_tensor(self.check_covariates(covariates, flat_is_one_agent=True))
         return lambda obs, action, agent: cartpole_step(obs, action, table[agent, 0].to(obs), table[agent, 1].to(obs))
 
 

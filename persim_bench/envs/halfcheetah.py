@@ -5,12 +5,21 @@ Follows the authors' ``envs/half_cheetah_env.py`` (AbdullahO/PerSim): gym's chee
 compiled, as their mujoco-py code did), frame skip 5, an 18-d observation whose first entry is the
 root x-velocity by finite difference, and reward ``obs'[0] - c * |a|^2``. All agents of a batch
 advance in one ``mujoco.rollout`` call, each row with its own model, on a persistent thread pool.
+
+Numerics: mass and damping scales are accepted in [0.01, 10] (``HalfCheetah.covariate_valid``), where
+MuJoCo stays finite from any reset state. A state that diverges anyway (put there with ``set_state``
+or given to ``true_dynamics``) is reset by MuJoCo itself to the model's rest pose, with a warning that
+is logged once per process and kind (``_log_mujoco_warning``); a non-finite observation is never
+returned, ``step`` raises FloatingPointError instead.
 """
 from __future__ import annotations
 
+import collections
 import copy
 import functools
 import logging
+import re
+import threading
 from pathlib import Path
 
 import gymnasium
@@ -37,11 +46,37 @@ _TOTAL_MASS = 14.0
 _FULLPHYSICS = mujoco.mjtState.mjSTATE_FULLPHYSICS.value
 
 _log = logging.getLogger(__name__)
+_warning_lock = threading.Lock()
+_warning_counts: collections.Counter[str] = collections.Counter()
+
+
+def _warning_kind(message: str) -> str:
+    """A MuJoCo warning without its numbers and time: "at DOF 3" and "at DOF 5" are one kind."""
+    return re.sub(r"\d+(?:\.\d+)?(?:[eE][-+]?\d+)?", "#", message.split(" Time =")[0]).strip()
 
 
 def _log_mujoco_warning(message: str) -> None:
-    """Route MuJoCo warnings to logging: its default handler appends to ./MUJOCO_LOG.TXT in the user's cwd."""
-    _log.warning("MuJoCo: %s", message)
+    """MuJoCo's warning handler: logging WARNING the first time per process and kind, DEBUG after.
+
+    MuJoCo's default handler prints and appends to ./MUJOCO_LOG.TXT in the user's cwd. Under
+    mujoco.rollout the same warning comes again on every step of an unstable agent (several lines per
+    agent and step, 16,000 lines for 4 agents x 1000 steps), so only the first of a kind is a
+    WARNING. Counts per kind: ``mujoco_warning_counts()``. Called from rollout's worker threads.
+    """
+    kind = _warning_kind(message)
+    with _warning_lock:
+        _warning_counts[kind] += 1
+        first = _warning_counts[kind] == 1
+    if first:
+        _log.warning("MuJoCo: %s (once per process; repeats are logged at DEBUG)", message.strip())
+    else:
+        _log.debug("MuJoCo: %s", message.strip())
+
+
+def mujoco_warning_counts() -> dict[str, int]:
+    """How many MuJoCo warnings of each kind (the message with numbers as #) this process has seen."""
+    with _warning_lock:
+        return dict(_warning_counts)
 
 
 if mujoco.get_mju_user_warning() is None:
@@ -66,7 +101,11 @@ def base_model() -> mujoco.MjModel:
 
 
 def scaled_model(covariates: np.typing.ArrayLike) -> mujoco.MjModel:
-    """A private copy of the base model with every body mass times m and every dof damping times d."""
+    """A private copy of the base model with every body mass times m and every dof damping times d.
+
+    ``covariates`` is one agent's (m, d), unchecked: its callers have passed them through
+    ``check_covariates`` (a negative or huge m gives a model MuJoCo cannot step).
+    """
     mass_scale, damping_scale = np.asarray(covariates, dtype=np.float64).reshape(2)
     model = copy.copy(base_model())
     model.body_mass[:] *= mass_scale
@@ -142,8 +181,8 @@ def _control_cost(actions):
 class HalfCheetahBatch(BatchSim):
     """N cheetahs, agent i with its own scaled MjModel, advanced together by one rollout call per step."""
 
-    def __init__(self, covariates: np.ndarray):
-        super().__init__(covariates)
+    def __init__(self, covariates: np.ndarray, family: EnvFamily | None = None):
+        super().__init__(covariates, FAMILY if family is None else family)
         self.models = [scaled_model(c) for c in self.covariates]
         self.layout = _StateLayout(base_model())
         self.stepper = _Stepper(self.n)
@@ -158,10 +197,15 @@ class HalfCheetahBatch(BatchSim):
         return self._require_state()[:, self.layout.qvel]
 
     def set_state(self, qpos: np.ndarray, qvel: np.ndarray) -> np.ndarray:
-        """Place every agent at (qpos [N, 9], qvel [N, 9]); returns observations like reset does."""
+        """Place every agent at (qpos [N, 9], qvel [N, 9]); returns observations like reset does.
+
+        Non-finite entries are refused (ValueError): MuJoCo would silently reset such an agent.
+        """
         model = base_model()
         qpos = np.asarray(qpos, dtype=np.float64).reshape(self.n, model.nq)
         qvel = np.asarray(qvel, dtype=np.float64).reshape(self.n, model.nv)
+        if not (np.isfinite(qpos).all() and np.isfinite(qvel).all()):
+            raise ValueError(f"{self.family.gym_id}: set_state got a non-finite qpos or qvel")
         self.state = self.layout.states(qpos, qvel)
         return self.layout.observations(self.state, previous_x=None)
 
@@ -176,7 +220,8 @@ class HalfCheetahBatch(BatchSim):
         state = self._require_state()
         previous_x = state[:, self.layout.qpos.start]
         self.state = self.stepper.env_step(self.models, state, actions)
-        next_obs = self.layout.observations(self.state, previous_x)
+        with np.errstate(over="ignore"):  # float32 overflow is inf, which _require_finite refuses
+            next_obs = self._require_finite(self.layout.observations(self.state, previous_x))
         reward = next_obs[:, 0].astype(np.float64) - _control_cost(actions)
         return next_obs, reward, np.zeros(self.n, dtype=bool)
 
@@ -241,6 +286,16 @@ class HalfCheetah(EnvFamily):
     covariate_names = ("mass", "damping")
     covariate_low = (0.2, 0.2)
     covariate_high = (1.8, 1.8)
+    # Accepted (closed): 0.01 <= mass, damping <= 10, scales of the compiled masses and dof dampings.
+    # A zero mass makes the inertia matrix singular (MuJoCo warns and resets the agent every step), a
+    # negative one gives NaN observations; a negative damping pumps energy in until MuJoCo resets the
+    # agent; 0 damping runs but is refused with the rest of <= 0. Inertias are not scaled (the
+    # authors' choice), so extreme mass scales make bodies whose mass and rotational inertia disagree:
+    # at 1e6 MuJoCo warns thousands of times and states go non-finite. Inside the box (100x lighter
+    # to 10x heavier, 100x less to 10x more damped; the paper samples [0.2, 1.8]) every corner runs
+    # 1000 steps of random, constant or bang-bang actions finite and without a MuJoCo warning; probes
+    # found the same for mass 1e-4..1e5 and damping 0..1e6: two orders of magnitude of margin.
+    covariate_valid = ((0.01, 10.0), (0.01, 10.0))
     default_covariates = (1.0, 1.0)
     test_agents = ((0.3, 1.7), (1.7, 0.3), (0.3, 0.3), (1.7, 1.7), (1.0, 1.0))
     policy_agents = ((0.6, 1.4), (1.4, 0.6), (0.6, 0.6), (1.4, 1.4))
@@ -249,7 +304,7 @@ class HalfCheetah(EnvFamily):
     render_fps = 20  # 1 / (timestep 0.01 * FRAME_SKIP), as HalfCheetah-v5
 
     def batch(self, covariates: np.ndarray) -> HalfCheetahBatch:
-        return HalfCheetahBatch(covariates)
+        return HalfCheetahBatch(covariates, self)
 
     def renderer(self, sim: BatchSim, agent: int, render_mode: str) -> Renderer:
         if render_mode != "rgb_array" or not isinstance(sim, HalfCheetahBatch):
@@ -264,7 +319,7 @@ class HalfCheetah(EnvFamily):
 
     def true_dynamics(self, covariates: np.ndarray) -> TorchDynamics:
         """Steps rows of observations; x is translation-invariant, so qpos[0] = 0 is exact."""
-        models = [scaled_model(c) for c in np.asarray(covariates, dtype=np.float64).reshape(-1, 2)]
+        models = [scaled_model(c) for c in self.check_covariates(covariates, flat_is_one_agent=True)]
         layout = _StateLayout(models[0])
         stepper = _Stepper(max_rows=torch.get_num_threads())
         nq, nv = models[0].nq, models[0].nv

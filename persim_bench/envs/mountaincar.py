@@ -37,8 +37,8 @@ def mountaincar_goal(next_obs: torch.Tensor) -> torch.Tensor:
 
 
 class MountainCarBatch(BatchSim):
-    def __init__(self, covariates: np.ndarray):
-        super().__init__(covariates)
+    def __init__(self, covariates: np.ndarray, family: EnvFamily | None = None):
+        super().__init__(covariates, FAMILY if family is None else family)
         self.gravity = torch.from_numpy(self.covariates[:, 0].copy())
         self.state: torch.Tensor | None = None
 
@@ -64,6 +64,12 @@ class MountainCar(EnvFamily):
     covariate_names = ("gravity",)
     covariate_low = (0.0001,)
     covariate_high = (0.0035,)
+    # Accepted gravities (closed). It must pull the car downhill: 0 flattens the track and a negative
+    # value turns the valley into a hill. Below 1e-5 the slopes pull less than 1% of the engine's
+    # FORCE (0.001) and no longer matter; at 0.01 (4x gym's 0.0025, ~3x the paper's largest) they
+    # pull up to 10x the engine, and the speed cap (0.07) binds within a few steps. The update clamps
+    # position and velocity, so any finite gravity stays finite; the bounds are about meaning.
+    covariate_valid = ((1e-5, 0.01),)
     default_covariates = (0.0025,)
     test_agents = ((0.0001,), (0.0005,), (0.001,), (0.0025,), (0.0035,))
     policy_agents = ((0.0003,), (0.00075,), (0.00175,), (0.0025,), (0.003,))
@@ -73,7 +79,7 @@ class MountainCar(EnvFamily):
     render_fps = 30  # gym's
 
     def batch(self, covariates):
-        return MountainCarBatch(covariates)
+        return MountainCarBatch(covariates, self)
 
     def reward(self, obs, action, next_obs):
         return torch.full(next_obs.shape[:1], -1.0, dtype=next_obs.dtype, device=next_obs.device)
@@ -82,7 +88,7 @@ class MountainCar(EnvFamily):
         return mountaincar_goal(next_obs)
 
     def true_dynamics(self, covariates) -> TorchDynamics:
-        gravity = torch.as_tensor(np.asarray(covariates, dtype=np.float64).reshape(-1, 1)[:, 0])
+        gravity = torch.as_tensor(self.check_covariates(covariates, flat_is_one_agent=True)[:, 0])
         return lambda obs, action, agent: mountaincar_step(obs, action, gravity[agent].to(obs))
 
 

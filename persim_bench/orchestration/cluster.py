@@ -45,7 +45,7 @@ def connect_ray(address: str) -> None:
         raise ClusterError(f"cannot reach Ray at --address {address}: {str(err).splitlines()[0]}")
 
 
-def _filesystem(location: str):
+def filesystem_of(location: str):
     """(pyarrow filesystem, path inside it) for a local path or a URI such as s3://bucket/prefix."""
     from pyarrow import fs
 
@@ -55,7 +55,7 @@ def _filesystem(location: str):
 
 
 def _read_probe(location: str) -> str:
-    filesystem, path = _filesystem(location)
+    filesystem, path = filesystem_of(location)
     with filesystem.open_input_stream(f"{path.rstrip('/')}/{PROBE_NAME}") as stream:
         return stream.read().decode()
 
@@ -72,7 +72,7 @@ def check_shared_storage(locations: dict[str, str]) -> None:
     for label, location in locations.items():
         token = uuid.uuid4().hex
         try:
-            filesystem, path = _filesystem(location)
+            filesystem, path = filesystem_of(location)
             filesystem.create_dir(path, recursive=True)
             with filesystem.open_output_stream(f"{path.rstrip('/')}/{PROBE_NAME}") as stream:
                 stream.write(token.encode())

@@ -14,7 +14,11 @@ from pathlib import Path
 from persim_bench.algos.base import Trial
 from persim_bench.config import Grid
 from persim_bench.orchestration import tracking
+from persim_bench.errors import Interrupted
 from persim_bench.orchestration.cluster import check_shared_storage, connect_ray
+from persim_bench.orchestration.guard import (
+    RunLock, check_tracking_store, inside, read_state_file, state_recorder, verify_tune_state,
+)
 from persim_bench.orchestration.rank_cv import choose_ranks
 from persim_bench.orchestration.trials import RunContext, main_trials, rank_cv_trials, resources_key, run_trial
 
@@ -45,12 +49,17 @@ def prepare_data(grid: Grid, results: Path, workers: int | None = None) -> tuple
     return policy_root, data_root
 
 
-def run_stage(grid: Grid, trials: list[Trial], context: RunContext, storage: str, name: str) -> list[str]:
+def run_stage(grid: Grid, trials: list[Trial], context: RunContext, storage: str, name: str, results: Path) -> list[str]:
     """Schedule trials with Ray Tune (resuming its saved state under storage/name if there is one).
 
-    Returns the names of trials that failed: recorded FAILED in MLflow, or given up by Tune
-    after ``grid.max_failures`` restarts (their MLflow run is then marked FAILED here).
+    Tune's saved state is restored only when it is byte for byte what this tool recorded (it is
+    unpickled on restore); a callback keeps that record current while the stage runs. Returns the
+    names of trials that failed: recorded FAILED in MLflow, or given up by Tune after
+    ``grid.max_failures`` restarts (their MLflow run is then marked FAILED here). Raises
+    ``Interrupted`` when Ctrl-C stopped the stage before every trial ended.
     """
+    import functools
+
     from mlflow.tracking import MlflowClient
     from ray import tune
 
@@ -60,7 +69,10 @@ def run_stage(grid: Grid, trials: list[Trial], context: RunContext, storage: str
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), resources)
     path = f"{storage.rstrip('/')}/{name}"
+    record = functools.partial(tracking.record_tune_state, results, grid.name, name, path)
     if tune.Tuner.can_restore(path):
+        state_file = tracking.state_path(results, grid)
+        verify_tune_state(path, read_state_file(state_file).get("tune_state", {}).get(name), state_file)
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = tune.Tuner(
@@ -73,10 +85,14 @@ def run_stage(grid: Grid, trials: list[Trial], context: RunContext, storage: str
                 trial_name_creator=lambda t: t.config["trial"]["name"],
                 trial_dirname_creator=lambda t: t.config["trial"]["name"]),
             run_config=tune.RunConfig(
-                name=name, storage_path=storage, verbose=1,
+                name=name, storage_path=storage, verbose=1, callbacks=[state_recorder(path, record)],
                 failure_config=tune.FailureConfig(max_failures=grid.max_failures, fail_fast=False)),
         )
     outcome = tuner.fit()
+    record()
+    unfinished = [r for r in outcome if r.error is None and (r.metrics or {}).get("stage") not in ("done", "failed")]
+    if unfinished:
+        raise Interrupted(f"stage {name}: {len(unfinished)} of {len(outcome)} trials did not finish")
     client = MlflowClient(context.tracking_uri)
     failed = []
     for result in outcome:
@@ -100,18 +116,28 @@ def stage_name(grid: Grid, stage: str, parent_run_id: str) -> str:
 
 def run_grid(grid: Grid, results: Path, *, source: str, address: str = "local", storage: str | None = None,
              mlflow_uri: str | None = None, resume: bool = False) -> GridOutcome:
-    """datasets -> rank_cv -> main (Tune) -> tables, under one MLflow parent run (continued by ``resume``)."""
+    """datasets -> rank_cv -> main (Tune) -> tables, under one MLflow parent run (continued by ``resume``).
+
+    One run per results folder and grid at a time (``RunLock``). The tracking store, the Ray
+    address and the stores are checked before any policy or dataset is made.
+    """
+    with RunLock(results, grid.name, f"persim-bench run --grid {source}"):
+        state = tracking.resume_state(results, grid, mlflow_uri, storage) if resume else None
+        tracking_uri = state["tracking_uri"] if state else mlflow_uri or tracking.default_tracking_uri(results)
+        storage = state["storage"] if state else storage or str(inside(results, results / "ray"))
+        connect_ray(address)
+        check_shared_storage({"--results": str(results), "--storage": storage})
+        check_tracking_store(tracking_uri)  # a server that does not answer: one line now, not after the data
+        policy_root, data_root = prepare_data(grid, results)
+        return _run_stages(grid, results, source, tracking_uri, storage, state, policy_root, data_root, mlflow_uri)
+
+
+def _run_stages(grid: Grid, results: Path, source: str, tracking_uri: str, storage: str, state: dict | None,
+                policy_root: Path, data_root: Path, mlflow_uri: str | None) -> GridOutcome:
     from mlflow.tracking import MlflowClient
 
     from persim_bench.orchestration.report import write_report
     from persim_bench.orchestration.tables import write_tables
-
-    state = tracking.resume_state(results, grid, mlflow_uri, storage) if resume else None
-    tracking_uri = state["tracking_uri"] if state else mlflow_uri or tracking.default_tracking_uri(results)
-    storage = state["storage"] if state else storage or str(results / "ray")
-    connect_ray(address)
-    check_shared_storage({"--results": str(results), "--storage": storage})
-    policy_root, data_root = prepare_data(grid, results)
 
     client = MlflowClient(tracking_uri)
     if state:
@@ -127,14 +153,19 @@ def run_grid(grid: Grid, results: Path, *, source: str, address: str = "local", 
     print(f"[main] MLflow {tracking_uri} (parent run {parent_run_id}); Tune storage {storage}")
     failed, chosen = [], None
     cv_trials = rank_cv_trials(grid)
-    if cv_trials:
-        print(f"[rank_cv] {len(cv_trials)} trials: ranks {grid.persim.rank_grid}, "
-              f"{grid.persim.cv_holdout:.0%} of transitions held out")
-        failed += run_stage(grid, cv_trials, context, storage, stage_name(grid, "rank_cv", parent_run_id))
-        chosen = choose_ranks(grid, tracking_uri, experiment_id, parent_run_id)
-        print("[rank_cv] chosen: " + ", ".join(f"{e}/{r}/s{s}: {k}" for (e, r, s), k in sorted(chosen.items())))
-    trials = main_trials(grid, chosen)
-    failed += run_stage(grid, trials, context, storage, stage_name(grid, "main", parent_run_id))
+    try:
+        if cv_trials:
+            print(f"[rank_cv] {len(cv_trials)} trials: ranks {grid.persim.rank_grid}, "
+                  f"{grid.persim.cv_holdout:.0%} of transitions held out")
+            failed += run_stage(grid, cv_trials, context, storage, stage_name(grid, "rank_cv", parent_run_id), results)
+            chosen = choose_ranks(grid, tracking_uri, experiment_id, parent_run_id)
+            print("[rank_cv] chosen: " + ", ".join(f"{e}/{r}/s{s}: {k}" for (e, r, s), k in sorted(chosen.items())))
+        trials = main_trials(grid, chosen)
+        failed += run_stage(grid, trials, context, storage, stage_name(grid, "main", parent_run_id), results)
+    except (Interrupted, KeyboardInterrupt) as err:
+        tracking.mark_killed(client, experiment_id, parent_run_id)
+        raise Interrupted(f"interrupted ({err or 'Ctrl-C'}); runs marked KILLED in MLflow; continue with "
+                          f"`persim-bench run --grid {source} --resume`") from None
 
     out = write_tables(grid, tracking_uri, results, data_root)
     write_report(grid, tracking_uri, results, data_root)

@@ -106,6 +106,15 @@ def start_parent_run(grid: Grid, tracking_uri: str, source: str, artifact_root: 
     return experiment_id, parent.info.run_id
 
 
+def mark_killed(client, experiment_id: str, parent_run_id: str) -> None:
+    """An interrupted invocation: its parent and every child run still RUNNING end KILLED."""
+    running = client.search_runs([experiment_id], max_results=50000, filter_string=(
+        f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'"))
+    for run in running:
+        client.set_terminated(run.info.run_id, "KILLED")
+    client.set_terminated(parent_run_id, "KILLED")
+
+
 # ---------------------------------------------------------------- resume state
 
 
@@ -120,17 +129,30 @@ def state_path(results: Path, grid: Grid) -> Path:
 
 def resume_state(results: Path, grid: Grid, tracking_uri: str | None, storage: str | None) -> dict:
     """The interrupted invocation to continue; refused if the grid or its stores changed since."""
+    from persim_bench.orchestration.guard import read_state_file
+
     path = state_path(results, grid)
     if not path.exists():
         raise GridError(f"{path}: nothing to resume for grid {grid.name!r} (no earlier `run` under {results})")
-    state = json.loads(path.read_text())
+    state = read_state_file(path)
     if state["fingerprint"] != grid_fingerprint(grid):
-        raise GridError(f"grid {grid.name!r} changed since the run being resumed (started {state['started']}); "
+        raise GridError(f"grid {grid.name!r} changed since the run being resumed (started {state.get('started')}); "
                         f"restore its definition and narrowing options, or run without --resume")
     for key, given in (("tracking_uri", tracking_uri), ("storage", storage)):
         if given and given != state[key]:
             raise GridError(f"--resume: {key} {given!r} differs from the interrupted run's {state[key]!r}")
     return state
+
+
+def record_tune_state(results: Path, grid_name: str, stage: str, experiment_dir: str) -> None:
+    """Keep the digest of a stage's Tune state in the resume state (read, update, atomic write: an unpickled
+    copy of the Tune callback calling this after a restore holds no stale state of its own)."""
+    from persim_bench.orchestration.guard import read_state_file, tune_state_digest
+
+    path = results / "state" / f"{grid_name}.json"
+    state = read_state_file(path)
+    state.setdefault("tune_state", {})[stage] = tune_state_digest(experiment_dir)
+    write_json(state, path)
 
 
 def save_state(results: Path, grid: Grid, state: dict) -> None:
