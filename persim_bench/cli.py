@@ -23,10 +23,13 @@ def cmd_data(args) -> None:
     from persim_bench.orchestration.cluster import connect_ray
     from persim_bench.orchestration.stages import prepare_data
 
+    from persim_bench.orchestration.estimate import check_memory
     from persim_bench.orchestration.guard import RunLock
 
     grid = load_grid(args.grid).narrowed(args.env, args.regime)
     results = Path(args.results).resolve()
+    if not args.yes:
+        check_memory(grid, results / "datasets" / grid.name)
     with RunLock(results, grid.name, f"persim-bench data --grid {args.grid}"):
         connect_ray(args.address)
         prepare_data(grid, results, args.workers)
@@ -53,8 +56,12 @@ def cmd_run(args) -> None:
         stages = estimate(grid, rate=rate, data_root=results / "datasets" / grid.name, gpu_rate=args.gpu_rate)
         print(format_estimate(grid, stages, rate, args.gpu_rate))
         return
+    from persim_bench.orchestration.estimate import check_cost, check_memory
     from persim_bench.orchestration.stages import run_grid
 
+    if not args.yes:
+        check_memory(grid, results / "datasets" / grid.name)
+        check_cost(grid, results / "datasets" / grid.name, args.max_cpu_hours)
     storage = args.storage and (args.storage if "://" in args.storage else str(Path(args.storage).resolve()))
     outcome = run_grid(grid, results, source=str(args.grid), address=args.address, storage=storage,
                        mlflow_uri=args.mlflow_uri, resume=args.resume)
@@ -118,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="generate the grid's offline datasets (Parquet) with Ray actors")
     grid_args(data)
     data.add_argument("--workers", type=int, help="Ray actors (default: the grid's data.num_workers, else all CPUs)")
+    data.add_argument("--yes", action="store_true", help="generate even when the data exceed this machine's memory")
     data.set_defaults(func=cmd_data)
 
     export = commands.add_parser("export", help="one dataset as a Minari dataset or a D4RL-style HDF5 file")
@@ -141,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue the last interrupted run of this grid: finished trials are not rerun")
     run.add_argument("--dry-run", action="store_true",
                      help="print trials per stage and an estimate of the CPU-hours, without starting Ray")
+    run.add_argument("--yes", action="store_true",
+                     help="run even when the estimate exceeds --max-cpu-hours or this machine's memory")
+    run.add_argument("--max-cpu-hours", type=float, default=1000.0,
+                     help="refuse a grid estimated above this many CPU-hours unless --yes (default 1000)")
     run.add_argument("--gpu-rate", type=float, default=4e12,
                      help="--dry-run: multiply-adds/s of a trial on a reserved GPU (default 4e12, see README)")
     run.set_defaults(func=cmd_run)

@@ -1,6 +1,8 @@
 """The dry-run estimate: trial counts come from the stages' own code, CPU-hours scale as the grid says, no Ray."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import ray
 import torch
@@ -11,7 +13,7 @@ from persim_bench.data.generate import dataset_plans
 from persim_bench.data.policies import policy_jobs
 from persim_bench.algos.persim import persim_fit_seconds
 from persim_bench.costmodel import measure_rate
-from persim_bench.orchestration.estimate import StageEstimate, estimate, format_estimate
+from persim_bench.orchestration.estimate import StageEstimate, check_cost, check_memory, estimate, format_estimate
 from persim_bench.orchestration.trials import main_trials, rank_cv_trials
 
 RATE = 30e9  # a fixed rate keeps every number deterministic
@@ -135,3 +137,36 @@ def test_gpu_reservations_are_costed_at_the_gpu_rate_and_reported_as_gpu_hours(w
     assert gpu.by_algo["cadm_pets"] == pytest.approx(cpu_only.by_algo["cadm_pets"])
     text = format_estimate(on_gpu, estimate(on_gpu, RATE), RATE)
     assert "GPU-hours" in text and "GPU-hours" not in format_estimate(grid, estimate(grid, RATE), RATE)
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"data": {"n_agents": 1_000_000_000}}, r"dataset in a trial \([\d,]{17} transitions\) needs about"),
+    ({"evaluation": {"reward_episodes": 1_000_000_000}}, r"reward episodes in lock-step needs about"),
+])
+def test_a_grid_too_big_for_the_machine_is_refused_before_anything_runs(write_grid, tmp_path, change, expected):
+    from persim_bench import cli
+
+    grid = write_grid({**_smoke_raw(), **change, "name": "too-big"})
+    results = tmp_path / "results"
+    for command in (["run"], ["data"]):
+        with pytest.raises(SystemExit) as err:
+            cli.main([*command, "--grid", str(grid), "--results", str(results)])
+        assert re.search(expected, str(err.value.code)) and "--yes" in str(err.value.code)
+    assert not results.exists()  # refused before Ray, MLflow or any file
+
+
+def test_a_grid_above_the_cpu_hour_threshold_needs_yes(tmp_path):
+    from persim_bench import cli
+
+    with pytest.raises(SystemExit, match=r"grid 'paper': about [\d,]+ CPU-hours .* above --max-cpu-hours 1,000; pass --yes"):
+        cli.main(["run", "--grid", "paper", "--results", str(tmp_path / "results")])
+    check_cost(load_grid("paper"), None, max_cpu_hours=1e6, rate=RATE)  # a raised threshold lets it through
+    check_memory(load_grid("smoke"), None)
+
+
+def _smoke_raw() -> dict:
+    import yaml
+
+    from persim_bench.config import grid_path
+
+    return yaml.safe_load(grid_path("smoke").read_text())

@@ -128,3 +128,14 @@ def test_damaged_store_and_state_and_read_only_results_are_one_line(tmp_path):
     (results / "mlflow.db").write_bytes(b"this is not a database" * 100)
     with pytest.raises(SystemExit, match=r"MLflow store sqlite:///.*mlflow.db cannot be used.*move the damaged"):
         cli.main(["tables", "--grid", str(grid), "--results", str(results)])
+
+
+def test_a_folder_that_cannot_be_written_is_one_line_naming_it(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    MlflowClient(f"sqlite:///{results / 'mlflow.db'}").create_experiment("persim-bench/tiny-faults")
+    (results / "tiny-faults").write_text("a file where the tables folder goes")  # root ignores chmod: use this
+    with pytest.raises(SystemExit) as err:
+        cli.main(["tables", "--grid", str(_grid(tmp_path)), "--results", str(results)])
+    message = str(err.value.code)
+    assert message.startswith(f"persim-bench: {results / 'tiny-faults'}: ") and "\n" not in message

@@ -6,6 +6,8 @@ without one is refused, never costed as another. The primitives and their assump
 """
 from __future__ import annotations
 
+import os
+
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +18,9 @@ from persim_bench.config import Grid
 from persim_bench.costmodel import dataset_seconds, measure_rate, policy_job_seconds
 from persim_bench.data.dataset import DatasetError, dataset_dir, read_manifest
 from persim_bench.data.policies import policy_jobs
+from persim_bench.envs import get_env
 from persim_bench.errors import GridError
+from persim_bench.specs import per_env
 from persim_bench.orchestration.trials import rank_cv_trials, main_trials
 
 
@@ -98,6 +102,62 @@ def estimate(grid: Grid, rate: float | None = None, data_root: Path | None = Non
                       {"persim": cv_gpu} if cv_gpu else {}),
         StageEstimate("main", len(main), sum(by_algo.values()), by_algo, sum(by_algo_gpu.values()), by_algo_gpu),
     ]
+
+
+GIB = 1024 ** 3
+MAX_CPU_HOURS = 1000.0  # above this a grid runs only with --yes (the paper grid is about 9,800)
+
+
+def machine_memory() -> int:
+    """Bytes of memory on this machine (the driver; a cluster's nodes are checked by Ray itself)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def trial_memory(grid: Grid, data_root: Path | None = None) -> list[tuple[str, int]]:
+    """(what, bytes) of the largest working sets a grid asks for: an upper bound, to refuse before compute.
+
+    A trial holds its dataset about four times (Arrow, NumPy, torch, normalised), its reward
+    episodes' state in lock-step (observations, plans of ``horizon`` actions, agents), and the
+    prediction test's recorded trajectories; the data stage holds every agent's covariates and
+    one shard per worker. The planner's own batch is bounded by ``planner.max_rows``.
+    """
+    spec = grid.evaluation
+    found = []
+    for env in grid.envs:
+        family = get_env(env)
+        width = family.n_actions or family.action_dim
+        row = (2 * family.obs_dim + width + 4) * 4
+        rows = max(dataset_rows(grid, env, regime, data_root) for regime in grid.regimes)
+        found.append((f"{env}: dataset in a trial ({rows:,} transitions)", 4 * rows * row))
+        horizon = per_env(grid.planner.horizon, env)
+        episodes = max(spec.reward_episodes, spec.policy_reward_episodes) * len(spec.test_agents)
+        found.append((f"{env}: {episodes:,} reward episodes in lock-step",
+                       episodes * 8 * (4 * family.obs_dim + 2 * horizon * width + 32)))
+        trajectories = spec.prediction_trajectories * len(spec.test_agents)
+        found.append((f"{env}: {trajectories:,} prediction trajectories",
+                       trajectories * (spec.prediction_steps + spec.burn_in + 1) * (family.obs_dim + width) * 8 * 4))
+        shard = grid.data.agents_per_shard * grid.data.episode_steps(env) * row * 3
+        found.append((f"{env}: data generation ({grid.data.n_agents:,} agents)",
+                      grid.data.n_agents * (len(family.covariate_names) * 8 * 3 + 64) + shard))
+    return found
+
+
+def check_memory(grid: Grid, data_root: Path | None, memory: int | None = None) -> None:
+    """Refuse (GridError) a grid whose largest working set exceeds this machine's memory (the CLI's --yes skips it)."""
+    memory = memory or machine_memory()
+    what, largest = max(trial_memory(grid, data_root), key=lambda item: item[1])
+    if largest > 0.8 * memory:
+        raise GridError(f"grid {grid.name!r}: {what} needs about {largest / GIB:,.1f} GiB, more than this machine's "
+                        f"{memory / GIB:,.0f} GiB can hold; shrink the grid (or pass --yes on bigger nodes)")
+
+
+def check_cost(grid: Grid, data_root: Path | None, max_cpu_hours: float = MAX_CPU_HOURS,
+               rate: float | None = None) -> None:
+    """Refuse (GridError) a grid whose estimated cost exceeds ``max_cpu_hours`` (the CLI's --yes skips it)."""
+    hours = sum(stage.cpu_hours for stage in estimate(grid, rate, data_root))
+    if hours > max_cpu_hours:
+        raise GridError(f"grid {grid.name!r}: about {hours:,.0f} CPU-hours (estimated; --dry-run itemises it), "
+                        f"above --max-cpu-hours {max_cpu_hours:,.0f}; pass --yes to run it anyway")
 
 
 def format_estimate(grid: Grid, stages: list[StageEstimate], rate: float | None = None,
