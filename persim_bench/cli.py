@@ -3,11 +3,55 @@ input before Ray starts; library errors (``errors.BenchError``) become one line 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+from persim_bench import __version__
 from persim_bench.config import load_grid
 from persim_bench.errors import BenchError, Interrupted
+
+DESCRIPTION = """\
+Reproduce PerSim (Agarwal et al., NeurIPS 2021: offline RL with heterogeneous agents via personalized
+simulators) on Ray, Ray Tune and MLflow: train the logging policies, generate the offline datasets, run
+every method of the paper as a Tune trial recorded in MLflow, and write the paper's tables and a report."""
+
+EPILOG = """\
+common commands:
+  persim-bench run --grid smoke        the whole pipeline on the small grid (minutes on a laptop)
+  persim-bench report --grid smoke     the reproduction report (paper vs ours) from MLflow
+  persim-bench ui                      browse every run in the MLflow UI on http://127.0.0.1:5000
+
+environment: RAY_ADDRESS (default of --address), MLFLOW_TRACKING_URI (default of --mlflow-uri),
+PERSIM_BENCH_VERBOSITY=quiet|normal|verbose|debug (the default of -q/-v).
+-q/-v go before or after the sub-command. `persim-bench <command> -h` for a command's options."""
+
+
+def tracking_uri(args: argparse.Namespace, results: Path) -> str:
+    """The MLflow tracking URI: ``--mlflow-uri``, else ``$MLFLOW_TRACKING_URI``, else sqlite:///<results>/mlflow.db."""
+    from persim_bench.orchestration.tracking import default_tracking_uri
+
+    return given_tracking_uri(args) or default_tracking_uri(results)
+
+
+def given_tracking_uri(args: argparse.Namespace) -> str | None:
+    """``--mlflow-uri`` or ``$MLFLOW_TRACKING_URI`` (an empty value is unset); None when neither is given."""
+    return getattr(args, "mlflow_uri", None) or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
+def ray_address(args: argparse.Namespace) -> str:
+    """The Ray address: ``--address``, else ``$RAY_ADDRESS``, else ``local`` (a new Ray of our own)."""
+    return args.address or os.environ.get("RAY_ADDRESS") or "local"
+
+
+def verbosity_args(parser: argparse.ArgumentParser, *, suffix: str = "") -> None:
+    """-q/-v; on a sub-command they land in their own fields (``quiet_after``...), added to the top level's."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", action="store_true", dest=f"quiet{suffix}",
+                       help="warnings and the one-line result only: no progress bars, no per-trial lines")
+    group.add_argument("-v", "--verbose", action="count", default=0, dest=f"verbose{suffix}",
+                       help="more output: -v adds Ray's INFO logs and Tune's per-trial and status tables, "
+                            "-vv every intermediate result Tune sees")
 
 
 def grid_args(parser: argparse.ArgumentParser) -> None:
@@ -15,23 +59,23 @@ def grid_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--env", action="append", help="only this env (repeatable)")
     parser.add_argument("--regime", action="append", help="only this data regime (repeatable)")
     parser.add_argument("--results", default="results", help="results folder (default: ./results)")
-    parser.add_argument("--address", default="local",
-                        help="Ray address: local (default), auto, host:port or ray://host:port")
+    parser.add_argument("--address",
+                        help="Ray address: local (a new Ray on this machine), auto, host:port or ray://host:port "
+                             "(default: $RAY_ADDRESS if set, else local)")
 
 
 def cmd_data(args) -> None:
     from persim_bench.orchestration.cluster import connect_ray
-    from persim_bench.orchestration.stages import prepare_data
-
     from persim_bench.orchestration.estimate import check_memory
     from persim_bench.orchestration.guard import RunLock
+    from persim_bench.orchestration.stages import prepare_data
 
     grid = load_grid(args.grid).narrowed(args.env, args.regime)
     results = Path(args.results).resolve()
     if not args.yes:
         check_memory(grid, results / "datasets" / grid.name)
     with RunLock(results, grid.name, f"persim-bench data --grid {args.grid}"):
-        connect_ray(args.address)
+        connect_ray(ray_address(args))
         prepare_data(grid, results, args.workers)
 
 
@@ -63,9 +107,10 @@ def cmd_run(args) -> None:
         check_memory(grid, results / "datasets" / grid.name)
         check_cost(grid, results / "datasets" / grid.name, args.max_cpu_hours)
     storage = args.storage and (args.storage if "://" in args.storage else str(Path(args.storage).resolve()))
-    outcome = run_grid(grid, results, source=str(args.grid), address=args.address, storage=storage,
-                       mlflow_uri=args.mlflow_uri, resume=args.resume)
-    print((outcome.tables_dir / "tables.md").read_text())
+    outcome = run_grid(grid, results, source=str(args.grid), address=ray_address(args), storage=storage,
+                       mlflow_uri=given_tracking_uri(args), resume=args.resume)
+    if not args.quiet:
+        print((outcome.tables_dir / "tables.md").read_text())
     print(f"{outcome.trials - len(outcome.failed)} trials finished, {len(outcome.failed)} failed; tables in "
           f"{outcome.tables_dir}; browse with `persim-bench ui --results {args.results}`")
     if outcome.failed:
@@ -73,43 +118,57 @@ def cmd_run(args) -> None:
 
 
 def cmd_tables(args) -> None:
-    from persim_bench.orchestration.tables import write_tables
-    from persim_bench.orchestration.tracking import default_tracking_uri
-
     from persim_bench.orchestration.guard import check_tracking_store
+    from persim_bench.orchestration.tables import write_tables
 
     grid = load_grid(args.grid)
     results = Path(args.results).resolve()
-    uri = args.mlflow_uri or default_tracking_uri(results)
+    uri = tracking_uri(args, results)
     check_tracking_store(uri)
     out = write_tables(grid, uri, results, results / "datasets" / grid.name)
-    print((out / "tables.md").read_text())
+    if not args.quiet:
+        print((out / "tables.md").read_text())
+    print(f"tables in {out}")
 
 
 def cmd_report(args) -> None:
-    from persim_bench.orchestration.report import write_report
-    from persim_bench.orchestration.tracking import default_tracking_uri
-
     from persim_bench.orchestration.guard import check_tracking_store
+    from persim_bench.orchestration.report import write_report
 
     grid = load_grid(args.grid)
     results = Path(args.results).resolve()
-    uri = args.mlflow_uri or default_tracking_uri(results)
+    uri = tracking_uri(args, results)
     check_tracking_store(uri)
     path = write_report(grid, uri, results, results / "datasets" / grid.name)
-    print(path.read_text())
+    if not args.quiet:
+        print(path.read_text())
     print(f"report in {path}")
 
 
+def cmd_evaluate(args) -> None:
+    from persim_bench.orchestration.guard import check_tracking_store
+    from persim_bench.orchestration.reevaluate import evaluate_run
+
+    results = Path(args.results).resolve()
+    uri = tracking_uri(args, results)
+    check_tracking_store(uri)
+    run_id, metrics = evaluate_run(args.run, results, uri, args.episodes, args.agents)
+    shown = {k: v for k, v in sorted(metrics.items()) if k.startswith(("reward_agent", "rmse_agent", "r2_agent"))}
+    print("\n".join(f"{key:>16}  {value:.4g}" for key, value in shown.items()))
+    print(f"evaluation of run {args.run} recorded as MLflow run {run_id}")
+
+
 def cmd_ui(args) -> None:
-    import subprocess
-
-    from persim_bench.orchestration.tracking import default_tracking_uri
-
-    uri = args.mlflow_uri or default_tracking_uri(Path(args.results).resolve())
-    print(f"MLflow UI on http://127.0.0.1:{args.port} over {uri}")
-    subprocess.run([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                    "--host", "127.0.0.1", "--port", str(args.port)], check=False)
+    uri = tracking_uri(args, Path(args.results).resolve())
+    # One web worker and no job runner (MLflow's GenAI jobs; MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true brings it
+    # back): a browser on this machine needs no more, and it starts and stops in seconds.
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+               "--port", str(args.port), "--workers", "1"]
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    print(f"MLflow UI on http://127.0.0.1:{args.port} over {uri}", flush=True)
+    sys.stderr.flush()
+    # This process becomes the MLflow server (same pid): a SIGTERM or Ctrl-C reaches it, and it stops its worker.
+    os.execv(sys.executable, command)
 
 
 def cmd_bench(args) -> None:
@@ -119,16 +178,32 @@ def cmd_bench(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="persim-bench", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="persim-bench", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"persim-bench {__version__}",
+                        help="print persim-bench's version and exit")
+    verbosity_args(parser)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     help="one of the commands below; `persim-bench COMMAND -h` for its options")
 
-    data = commands.add_parser("data", help="generate the grid's offline datasets (Parquet) with Ray actors")
+    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=summary, description=description)
+        verbosity_args(sub, suffix="_after")
+        return sub
+
+    data = command("data", "generate the grid's offline datasets (Parquet) with Ray actors",
+                   "Train the grid's logging policies (Ray tasks, cached under <results>/policies) and generate "
+                   "its offline datasets (Parquet shards and a manifest per env x regime, Ray actors) under "
+                   "<results>/datasets/<grid>. Existing shards are verified and only missing or damaged ones are "
+                   "made again. Progress bars only on a terminal (none with -q).")
     grid_args(data)
     data.add_argument("--workers", type=int, help="Ray actors (default: the grid's data.num_workers, else all CPUs)")
     data.add_argument("--yes", action="store_true", help="generate even when the data exceed this machine's memory")
     data.set_defaults(func=cmd_data)
 
-    export = commands.add_parser("export", help="one dataset as a Minari dataset or a D4RL-style HDF5 file")
+    export = command("export", "one dataset as a Minari dataset or a D4RL-style HDF5 file",
+                     "Write one generated dataset (grid x env x regime) as a Minari dataset or a D4RL-style HDF5 "
+                     "file. Needs the dataset made by `persim-bench data` (or `run`); starts no Ray.")
     export.add_argument("--grid", required=True, help="grid name in tune_configs/ or a YAML path")
     export.add_argument("--env", required=True, help="the env of the dataset")
     export.add_argument("--regime", required=True, help="the data regime of the dataset")
@@ -139,12 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--force", action="store_true", help="replace an existing export")
     export.set_defaults(func=cmd_export)
 
-    run = commands.add_parser("run", help="the whole grid: datasets -> Tune trials -> MLflow -> tables")
+    run = command("run", "the whole grid: datasets -> Tune trials -> MLflow -> tables",
+                  "Run a grid end to end: policies -> datasets -> rank_cv (Tune) -> main (Tune), every trial a "
+                  "child run of one MLflow parent run, then the paper's tables and the reproduction report under "
+                  "<results>/<grid>/. Prints one line per finished trial (-q: none, -v: Tune's tables too).")
     grid_args(run)
     run.add_argument("--algo", action="append", help="only this algorithm (repeatable)")
     run.add_argument("--seed", action="append", type=int, help="only this seed (repeatable)")
     run.add_argument("--storage", help="Tune storage path or URI (default: <results>/ray)")
-    run.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite:///<results>/mlflow.db)")
+    run.add_argument("--mlflow-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI if set, else "
+                                          "sqlite:///<results>/mlflow.db)")
     run.add_argument("--resume", action="store_true",
                      help="continue the last interrupted run of this grid: finished trials are not rerun")
     run.add_argument("--dry-run", action="store_true",
@@ -157,35 +236,79 @@ def build_parser() -> argparse.ArgumentParser:
                      help="--dry-run: multiply-adds/s of a trial on a reserved GPU (default 4e12, see README)")
     run.set_defaults(func=cmd_run)
 
-    tables = commands.add_parser("tables", help="write the paper's tables from MLflow to results/<grid>/")
-    tables.add_argument("--grid", required=True)
-    tables.add_argument("--results", default="results")
-    tables.add_argument("--mlflow-uri")
+    tables = command("tables", "write the paper's tables from MLflow to results/<grid>/",
+                     "Rebuild the paper's tables (Markdown, CSV, LaTeX) and the cost table of a grid from its MLflow "
+                     "runs (the latest run of every trial) into <results>/<grid>/. Starts no Ray.")
+    tables.add_argument("--grid", required=True, help="grid name in tune_configs/ (smoke, paper, full) or a YAML path")
+    tables.add_argument("--results", default="results", help="results folder of the run (default: ./results)")
+    tables.add_argument("--mlflow-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI if set, else "
+                                             "sqlite:///<results>/mlflow.db)")
     tables.set_defaults(func=cmd_tables)
 
-    report = commands.add_parser("report", help="the reproduction report: paper vs ours cell by cell, claims, "
-                                                 "aggregates, Figure 1 (results/<grid>/report/)")
-    report.add_argument("--grid", required=True)
-    report.add_argument("--results", default="results")
-    report.add_argument("--mlflow-uri")
+    report = command("report", "the reproduction report: paper vs ours cell by cell, claims, aggregates, "
+                               "Figure 1 (results/<grid>/report/)",
+                     "Write the reproduction report of a grid from its MLflow runs: every paper cell the grid "
+                     "covers next to ours (95 % CI, ratio, verdict), the paper's claims, IQM and optimality gap, "
+                     "Figure 1; into <results>/<grid>/report/. Starts no Ray.")
+    report.add_argument("--grid", required=True, help="grid name in tune_configs/ (smoke, paper, full) or a YAML path")
+    report.add_argument("--results", default="results", help="results folder of the run (default: ./results)")
+    report.add_argument("--mlflow-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI if set, else "
+                                             "sqlite:///<results>/mlflow.db)")
     report.set_defaults(func=cmd_report)
 
-    ui = commands.add_parser("ui", help="the MLflow UI on 127.0.0.1 over the results database")
-    ui.add_argument("--results", default="results")
-    ui.add_argument("--mlflow-uri")
-    ui.add_argument("--port", type=int, default=5000)
+    evaluate = command("evaluate", "reload a trial's saved model and evaluate it again, without training",
+                       "Reload the model an MLflow trial run saved (its LoggedModel), rebuild the trial from that run "
+                       "and the resolved grid on its parent run, and evaluate it again: the prediction test and the "
+                       "reward episodes. The numbers go to a new MLflow run tagged persim_bench.evaluates=<run>. "
+                       "PerSim and CaDM runs save models.")
+    evaluate.add_argument("--run", required=True, help="MLflow run id of the trial (the MLflow UI shows it)")
+    evaluate.add_argument("--episodes", type=int, help="reward episodes per test agent (default: the grid's)")
+    evaluate.add_argument("--agents", type=int, nargs="+", help="test agents to evaluate, 0-4 (default: the grid's)")
+    evaluate.add_argument("--results", default="results",
+                          help="results folder holding the policies for the prediction test (default: ./results)")
+    evaluate.add_argument("--mlflow-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI if set, else "
+                                               "sqlite:///<results>/mlflow.db)")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    ui = command("ui", "the MLflow UI on 127.0.0.1 over the results database",
+                 "Serve the MLflow UI on http://127.0.0.1:PORT over the tracking store of --results (or "
+                 "--mlflow-uri). This process becomes the MLflow server: stop it with Ctrl-C or SIGTERM.")
+    ui.add_argument("--results", default="results",
+                    help="results folder whose mlflow.db to browse (default: ./results)")
+    ui.add_argument("--mlflow-uri", help="tracking store to browse (default: $MLFLOW_TRACKING_URI if set, else "
+                                         "sqlite:///<results>/mlflow.db)")
+    ui.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default: 5000)")
     ui.set_defaults(func=cmd_ui)
 
-    bench = commands.add_parser("bench", help="speed benchmarks (ratios against a baseline measured in the same run)")
-    bench.add_argument("what", choices=["data", "model", "mpc"], help="which benchmark")
+    bench = command("bench", "speed benchmarks (ratios against a baseline measured in the same run)",
+                    "Speed benchmarks of the data generation, the models and the MPC planner, each reported as a "
+                    "ratio against a baseline measured in the same run (see the README's Benchmarks).")
+    bench.add_argument("what", choices=["data", "model", "mpc"], help="which benchmark: data, model or mpc")
     bench.add_argument("--quick", action="store_true", help="small sizes, for a fast check")
     bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device of the mpc benchmark")
     bench.set_defaults(func=cmd_bench)
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse, merging -q/-v given before and after the sub-command into ``args.quiet`` / ``args.verbose``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.quiet = args.quiet or args.quiet_after
+    args.verbose += args.verbose_after
+    if args.quiet and args.verbose:
+        parser.error("-q/--quiet and -v/--verbose exclude each other")
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    from persim_bench.orchestration import reporting
+
+    args = parse_args(argv)
+    given = args.quiet or args.verbose
+    # No -q/-v: $PERSIM_BENCH_VERBOSITY if set, else normal.
+    level = reporting.configure(reporting.level_of(args.quiet, args.verbose) if given else None)
+    args.quiet = level == "quiet"
     try:
         args.func(args)
     except KeyboardInterrupt:

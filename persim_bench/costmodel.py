@@ -160,6 +160,13 @@ def prediction_seconds(grid: Grid, env: str, model: Dynamics, rate: float) -> fl
             + spec.prediction_steps * model.step_seconds(episodes, rate))
 
 
+def evaluation_seconds(grid: Grid, env: str, model: Dynamics, rate: float) -> float:
+    """A learned model's shared evaluation (``evaluate.evaluate_model``): the prediction test, and the MPC
+    reward episodes unless the grid is prediction-only (``evaluation.rewards: false``)."""
+    reward = mpc_reward_seconds(grid, env, model, rate) if grid.evaluation.rewards else 0.0
+    return prediction_seconds(grid, env, model, rate) + reward
+
+
 def mpc_reward_seconds(grid: Grid, env: str, model: Dynamics, rate: float, planner: PlannerSpec | None = None) -> float:
     """Reward episodes with the MPC planner: one decision per episode and step, every episode at its cap."""
     planner, spec, family = planner or grid.planner, grid.evaluation, get_env(env)

@@ -257,6 +257,15 @@ def record_model_cost(model: CountingModel, family: EnvFamily, ctx: TrialContext
         ctx.costs["model_macs_per_second"] = model.rows * macs / seconds
 
 
+def save_model(model, ctx: TrialContext) -> Path:
+    """The trained model into the trial's folder (``model/model.pt``); the trial's MLflow run logs it as a model."""
+    path = ctx.work_dir / "model" / "model.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.save(path)
+    ctx.models.append(path)
+    return path
+
+
 def load_trial_data(trial: Trial, ctx: TrialContext) -> Transitions:
     """The trial's dataset, through the one reader, checked to start with the paper's test agents."""
     with timed(ctx, "load"):

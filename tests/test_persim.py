@@ -187,7 +187,7 @@ def test_save_load_round_trip(tmp_path, cartpole, agent_factor):
 
 def test_load_rejects_other_files(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not a saved PerSim ensemble"):
+    with pytest.raises(ValueError, match="not a saved PerSimEnsemble"):
         PerSimEnsemble.load(tmp_path / "other.pt")
 
 

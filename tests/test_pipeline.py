@@ -131,6 +131,8 @@ def test_a_failed_trial_is_recorded_and_the_grid_goes_on(ray_cluster, write_grid
     failed = latest["persim-cartpole-random-r2-s0"]
     assert failed.info.status == "FAILED"
     assert "non-finite values in column 'reward'" in failed.data.tags["error"]
+    assert "attempts" not in failed.data.tags  # our code's error is not retried as if its node were lost
+    assert any("persim-cartpole-random" in str(p) for p in (results / "ray").rglob("error.txt"))  # Tune: ERROR
     assert latest["true-env-mpc-cartpole-s0"].info.status == "FINISHED"
     tables = (results / "tiny-failing" / "tables.md").read_text()
     assert "Failed trials" in tables and "persim-cartpole-random-r2-s0: DatasetError" in tables

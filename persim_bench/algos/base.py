@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
 
 import torch
 
@@ -74,6 +74,7 @@ class TrialContext:
     report: Callable[[dict], None] = lambda metrics: None
     costs: dict = field(default_factory=dict)  # seconds per phase and model rows, filled by the shared helpers
     artifacts: list = field(default_factory=list)  # files under work_dir the trial's MLflow run should keep
+    models: list = field(default_factory=list)  # saved model files under work_dir: the run's LoggedModel
 
 
 # A cost function for ``--dry-run``: (grid, trial, dataset rows, multiply-adds/s) -> CPU-seconds of the trial.
@@ -98,6 +99,9 @@ class Algorithm:
     needs_data: bool = True                     # False: one trial per env x seed, regime "none"
     action_spaces: tuple[str, ...] = ("discrete", "continuous")
     cost: CostFn | None = None                  # --dry-run refuses an algorithm without one
+    # ``persim-bench evaluate``: reload the saved model file (path, device) and evaluate it again.
+    reload: Callable[[Path, str], Any] | None = None
+    evaluate: Callable[[Any, Trial, TrialContext], dict] | None = None
 
     def supports(self, discrete: bool) -> bool:
         return ("discrete" if discrete else "continuous") in self.action_spaces

@@ -24,12 +24,12 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from persim_bench.algos.base import Algorithm, Trial, TrialContext
-from persim_bench.algos.nets import STEP_CHUNK, EnsembleMLP, in_row_chunks, register_data_box, set_data_box
+from persim_bench.algos.nets import STEP_CHUNK, EnsembleMLP, SavedModel, in_row_chunks, register_data_box, set_data_box
 from persim_bench.costmodel import (CADM_STEP_SECONDS, LAYER_SECONDS, STEP_SECONDS, TRAIN, Dynamics, mlp_seconds,
-                                    mpc_reward_seconds, prediction_seconds)
+                                    evaluation_seconds)
 from persim_bench.data.dataset import Transitions
 from persim_bench.envs import get_env
-from persim_bench.evaluate import evaluate_model, load_trial_data
+from persim_bench.evaluate import evaluate_model, load_trial_data, save_model
 from persim_bench.specs import NonEmptyList, PositiveInt, Strict
 
 if TYPE_CHECKING:
@@ -79,8 +79,10 @@ class CadmSpec(Strict):
         return self
 
 
-class CadmModel(nn.Module):
+class CadmModel(SavedModel, nn.Module):
     """Context encoder + forward and backward dynamics, ``members`` copies; implements ``ContextualModel``."""
+
+    FORMAT = "persim-cadm/1"
 
     def __init__(self, env: str, members: int, particles: int, probabilistic: bool, history: int = 10,
                  context_dim: int = 10, context_hidden: list[int] = (256, 128, 64),
@@ -89,6 +91,9 @@ class CadmModel(nn.Module):
         if particles % members:
             raise ValueError(f"particles ({particles}) must be a multiple of members ({members})")
         family = get_env(env)
+        self.config = dict(env=env, members=int(members), particles=int(particles), probabilistic=bool(probabilistic),
+                           history=int(history), context_dim=int(context_dim), context_hidden=list(context_hidden),
+                           hidden=list(hidden), seed=int(seed))
         self.env, self.discrete, self.history = env, family.discrete, history
         self.members, self.n_members, self.probabilistic = members, particles, probabilistic
         self.obs_dim = d = family.obs_dim
@@ -358,8 +363,13 @@ def run_cadm(trial: Trial, ctx: TrialContext) -> dict:
     model, fit_metrics = fit_cadm(
         data, grid.cadm, trial.seed, probabilistic=trial.algo == "cadm_pets", device=ctx.device,
         on_iteration=lambda i, m: ctx.report({"stage": "fit", "iteration": i + 1, **m}))
-    planner = grid.planner.model_copy(update={"aggregate": grid.cadm.aggregate})
-    return {**fit_metrics, **evaluate_model(model, trial, ctx, planner)}
+    save_model(model, ctx)
+    return {**fit_metrics, **evaluate_cadm(model, trial, ctx)}
+
+
+def evaluate_cadm(model: CadmModel, trial: Trial, ctx: TrialContext) -> dict:
+    """The shared evaluation, planned with CaDM's particle aggregation."""
+    return evaluate_model(model, trial, ctx, ctx.grid.planner.model_copy(update={"aggregate": ctx.grid.cadm.aggregate}))
 
 
 # ---------------------------------------------------------------- cost (--dry-run)
@@ -400,12 +410,12 @@ def cadm_trial_seconds(grid: "Grid", trial: Trial, rows: int, rate: float) -> fl
     chunk = max(1, STEP_CHUNK * members // particles)
     model = Dynamics(env, (forward,), particles, chunk, encoder=encoder, swish=True, call_seconds=CADM_STEP_SECONDS)
     fit = cadm_fit_seconds(grid, env, rows, probabilistic, rate)
-    return fit + prediction_seconds(grid, env, model, rate) + mpc_reward_seconds(grid, env, model, rate)
+    return fit + evaluation_seconds(grid, env, model, rate)
 
 
 ALGORITHMS = [
     Algorithm("cadm_vanilla", "Vanilla CaDM", run_cadm, "cadm", CadmSpec, learns_dynamics=True, plans=True,
-              cost=cadm_trial_seconds),
+              cost=cadm_trial_seconds, reload=CadmModel.load, evaluate=evaluate_cadm),
     Algorithm("cadm_pets", "PE-TS CaDM", run_cadm, "cadm", CadmSpec, learns_dynamics=True, plans=True,
-              cost=cadm_trial_seconds),
+              cost=cadm_trial_seconds, reload=CadmModel.load, evaluate=evaluate_cadm),
 ]

@@ -17,6 +17,31 @@ import torch
 from torch import nn
 
 
+class SavedModel:
+    """save/load for a model module whose JSON-able ``config`` holds its constructor's arguments.
+
+    The file is a header plus a dict of tensors, loadable with ``weights_only=True``: no pickled
+    objects. Normalisers and the data box are buffers, so they travel with the weights.
+    """
+
+    FORMAT: str
+    config: dict
+
+    def save(self, path) -> None:
+        state = {name: tensor.detach().cpu() for name, tensor in self.state_dict().items()}
+        torch.save({"format": self.FORMAT, "config": self.config, "state": state}, path)
+
+    @classmethod
+    def load(cls, path, device: str | torch.device = "cpu"):
+        saved = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(saved, dict) or saved.get("format") != cls.FORMAT:
+            found = saved.get("format") if isinstance(saved, dict) else None
+            raise ValueError(f"{path}: not a saved {cls.__name__} (format {found!r}, expected {cls.FORMAT!r})")
+        model = cls(**saved["config"]).to(device)
+        model.load_state_dict(saved["state"])
+        return model.eval()
+
+
 def register_data_box(module: nn.Module, obs_dim: int) -> None:
     """Buffers ``data_low``/``data_high`` [D]: the range of states the training data saw (unbounded until fitted).
 

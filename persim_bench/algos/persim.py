@@ -24,18 +24,17 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from persim_bench.algos.base import Algorithm, Trial, TrialContext
-from persim_bench.algos.nets import STEP_CHUNK, EnsembleMLP, Workspace, in_row_chunks, register_data_box, set_data_box
-from persim_bench.costmodel import STEP_SECONDS, TRAIN, Dynamics, mlp_seconds, mpc_reward_seconds, prediction_seconds
+from persim_bench.algos.nets import (
+    STEP_CHUNK, EnsembleMLP, SavedModel, Workspace, in_row_chunks, register_data_box, set_data_box,
+)
+from persim_bench.costmodel import STEP_SECONDS, TRAIN, Dynamics, evaluation_seconds, mlp_seconds
 from persim_bench.data.dataset import Transitions
 from persim_bench.envs import get_env
-from persim_bench.evaluate import evaluate_model, load_trial_data
+from persim_bench.evaluate import evaluate_model, load_trial_data, save_model
 from persim_bench.specs import DistinctList, PositiveInt, Strict, known_env_keys, per_env
 
 if TYPE_CHECKING:
     from persim_bench.config import Grid
-
-FORMAT = "persim-ensemble/1"
-
 
 class PersimSpec(Strict):
     """PerSim's model and training (paper App. D.1). Defaults are the paper's."""
@@ -75,12 +74,14 @@ class PersimSpec(Strict):
         return known_env_keys(value)
 
 
-class PerSimEnsemble(nn.Module):
+class PerSimEnsemble(SavedModel, nn.Module):
     """M PerSim simulators over one env's agents; implements ``DynamicsModel``.
 
     ``agent_factor=False`` replaces u(n) by one learned vector shared by all agents: the
     same network without personalisation (the ablation "a model without the agent factor").
     """
+
+    FORMAT = "persim-ensemble/1"
 
     def __init__(self, env: str, n_agents: int, rank: int, n_members: int = 5, state_hidden: list[int] = (256,),
                  action_hidden: list[int] = (256, 256), normalize: bool = True, agent_factor: bool = True, seed: int = 0):
@@ -189,20 +190,6 @@ class PerSimEnsemble(nn.Module):
         table = self.agent_table.detach().cpu()
         return table.expand(-1, self.config["n_agents"], -1).numpy().copy()
 
-    def save(self, path) -> None:
-        """A dict of tensors plus a JSON-able header: loadable with weights_only=True, no pickled objects."""
-        state = {name: tensor.detach().cpu() for name, tensor in self.state_dict().items()}
-        torch.save({"format": FORMAT, "config": self.config, "state": state}, path)
-
-    @classmethod
-    def load(cls, path, device: str | torch.device = "cpu") -> "PerSimEnsemble":
-        saved = torch.load(path, map_location=device, weights_only=True)
-        if saved.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a saved PerSim ensemble (format {saved.get('format')!r})")
-        model = cls(**saved["config"]).to(device)
-        model.load_state_dict(saved["state"])
-        return model.eval()
-
 
 def _uniform(shape: tuple[int, ...], fan_in: int, gen: torch.Generator) -> torch.Tensor:
     bound = fan_in ** -0.5
@@ -295,6 +282,7 @@ def run_persim(trial: Trial, ctx: TrialContext) -> dict:
     spec = ctx.grid.persim.model_copy(update={"rank": trial.rank})
     model, fit_metrics = fit_persim(data, spec, trial.seed, device=ctx.device,
                                     on_epoch=lambda epoch, m: ctx.report({"stage": "fit", "epoch": epoch + 1, **m}))
+    save_model(model, ctx)
     return {**fit_metrics, **factor_analysis(model, data, trial, ctx), **evaluate_model(model, trial, ctx)}
 
 
@@ -311,7 +299,7 @@ def factor_analysis(model: PerSimEnsemble, data: Transitions, trial: Trial, ctx:
     r2 = probe_r2(factors, data.covariates, seed=trial.seed)
     figure = tsne_figure(factors, data.covariates, names, ctx.work_dir / "agent_factors.png", seed=trial.seed,
                          title=f"PerSim agent factors, {trial.env} / {trial.regime} (rank {trial.rank}, seed {trial.seed})")
-    ctx.artifacts.append(figure)
+    ctx.artifacts.extend([figure, figure.with_suffix(".pdf")])  # save_figure writes a PDF beside the PNG
     return {f"probe_r2_{name}": float(value) for name, value in zip(names, r2)}
 
 
@@ -356,8 +344,8 @@ def persim_fit_seconds(grid: "Grid", env: str, rows: int, rank: int, holdout: fl
 def persim_trial_seconds(grid: "Grid", trial: Trial, rows: int, rate: float) -> float:
     model = Dynamics(trial.env, persim_nets(grid, trial.env, trial.rank), grid.persim.ensemble, STEP_CHUNK)
     return (persim_fit_seconds(grid, trial.env, rows, trial.rank, 0.0, rate)
-            + prediction_seconds(grid, trial.env, model, rate) + mpc_reward_seconds(grid, trial.env, model, rate))
+            + evaluation_seconds(grid, trial.env, model, rate))
 
 
 ALGORITHMS = [Algorithm("persim", "PerSim", run_persim, "persim", PersimSpec, learns_dynamics=True, plans=True,
-                        cost=persim_trial_seconds)]
+                        cost=persim_trial_seconds, reload=PerSimEnsemble.load, evaluate=evaluate_model)]

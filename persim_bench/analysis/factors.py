@@ -62,23 +62,33 @@ def tsne_embedding(factors, seed: int = 0) -> np.ndarray:
 
 def tsne_figure(factors, covariates, covariate_names: Sequence[str], path: str | Path, seed: int = 0,
                 title: str = "t-SNE of learned agent factors") -> Path:
-    """PNG with one panel per covariate: the same 2-D embedding coloured by that covariate."""
+    """PNG (and a PDF beside it) with one panel per covariate: the same 2-D embedding coloured by that covariate."""
+    return save_figure(draw_tsne_figure(factors, covariates, covariate_names, seed, title), path)
+
+
+def draw_tsne_figure(factors, covariates, covariate_names: Sequence[str], seed: int = 0,
+                     title: str = "t-SNE of learned agent factors"):
+    """The figure of ``tsne_figure``, unsaved; its title wrapped to the figure's width (one panel is narrow)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from persim_bench.analysis.tabular import fit_text_width
+
     embedding = tsne_embedding(factors, seed)
     covariates = _covariates(covariates, embedding.shape[0])
     if len(covariate_names) != covariates.shape[1]:
         raise ValueError(f"{len(covariate_names)} covariate names for {covariates.shape[1]} covariates")
-    fig, axes = plt.subplots(1, len(covariate_names), figsize=(4.2 * len(covariate_names), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(covariate_names), figsize=(4.2 * len(covariate_names), 3.8), squeeze=False,
+                             layout="constrained")
     for ax, name, values in zip(axes[0], covariate_names, covariates.T):
         points = ax.scatter(embedding[:, 0], embedding[:, 1], c=values, cmap="viridis", s=12)
         fig.colorbar(points, ax=ax, label=name)
-        ax.set(title=f"coloured by {name}", xticks=[], yticks=[])
-    fig.suptitle(title, fontsize="medium")
-    return save_figure(fig, path)
+        ax.set(xticks=[], yticks=[])
+        fit_text_width(fig, ax.set_title(f"coloured by {name}"), max_fraction=0.9 / len(covariate_names))
+    fit_text_width(fig, fig.suptitle(title, fontsize="medium"))
+    return fig
 
 
 def probe_r2(factors, covariates, folds: int = 5, seed: int = 0) -> np.ndarray:

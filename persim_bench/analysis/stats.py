@@ -18,7 +18,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from persim_bench.analysis.tabular import save_figure
+from persim_bench.analysis.tabular import method_colours, save_figure
 
 DEFAULT_BOOT = 2000
 LEVEL = 0.95
@@ -156,9 +156,10 @@ def performance_profiles(score_dict: Mapping[str, np.ndarray], taus: Sequence[fl
 def performance_profile_figure(score_dict: Mapping[str, np.ndarray], path: str | Path,
                                taus: Sequence[float] | None = None, n_boot: int = DEFAULT_BOOT, seed: int = 0,
                                level: float = LEVEL,
-                               title: str = "Performance profiles (normalised score: 0 = random, 1 = True env + MPC)"
-                               ) -> Path:
-    """PNG of every method's score distribution with its CI band, drawn by rliable's plot utils."""
+                               title: str = "Performance profiles (normalised score: 0 = random, 1 = True env + MPC)",
+                               colours: Mapping[str, str] | None = None) -> Path:
+    """PNG (and a PDF beside it) of every method's score distribution with its CI band, drawn by rliable's plot
+    utils; each method in ``colours[method]``, by default ``tabular.method_colours`` of the method names."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -169,8 +170,10 @@ def performance_profile_figure(score_dict: Mapping[str, np.ndarray], path: str |
         top = max(1.0, max(float(np.max(s)) for s in score_dict.values()))
         taus = np.linspace(min(0.0, min(float(np.min(s)) for s in score_dict.values())), top, 101)
     profiles, cis = performance_profiles(score_dict, taus, n_boot, seed, level)
+    colours = {**method_colours(score_dict), **(colours or {})}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     plot_utils.plot_performance_profiles(profiles, np.asarray(taus), performance_profile_cis=cis, ax=ax,
+                                         colors={m: colours[m] for m in profiles},
                                          xlabel=r"normalised score $\tau$",
                                          ylabel=r"fraction of runs x tasks with score $> \tau$",
                                          labelsize="medium", ticklabelsize="medium")

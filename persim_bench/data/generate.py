@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -194,7 +195,9 @@ def generate_datasets(grid: Grid, root: Path, policy_root: Path | None = None, n
             jobs = pool.map_unordered(lambda actor, job: actor.write.remote(job[0], job[1], str(root)), todo)
             by_name = {plan.shard_name(shard): (plan, shard) for plan, shard in todo}
             rows = sum(entry["rows"] for shards in verified.values() for entry in shards.values())
-            with tqdm(total=len(todo), desc="datasets", unit="shard", disable=not progress) as bar:
+            # disable=None: a bar only when stderr is a terminal; none under `persim-bench -q`
+            show = progress and os.environ.get("PERSIM_BENCH_VERBOSITY") != "quiet"
+            with tqdm(total=len(todo), desc="datasets", unit="shard", disable=None if show else True) as bar:
                 for entry in jobs:
                     plan, shard = by_name[entry["name"]]
                     verified[plan][shard] = entry

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -246,7 +247,9 @@ def train_policies(grid: Grid, root: Path, progress: bool = True) -> dict[Policy
         wanted = grid.trial_resources("policies")  # a GPU reservation lets the trainers use it
         task = _train_task.options(num_cpus=wanted.cpu, num_gpus=wanted.gpu)
         futures = {task.remote(job, str(job.path(root))): job for job in todo}
-        with tqdm(total=len(todo), desc="policies", unit="policy", disable=not progress) as bar:
+        # disable=None: a bar only when stderr is a terminal; none under `persim-bench -q`
+        show = progress and os.environ.get("PERSIM_BENCH_VERBOSITY") != "quiet"
+        with tqdm(total=len(todo), desc="policies", unit="policy", disable=None if show else True) as bar:
             pending = list(futures)
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)

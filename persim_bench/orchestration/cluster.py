@@ -8,7 +8,6 @@ turns that into one clear error up front.
 """
 from __future__ import annotations
 
-import logging
 import socket
 import uuid
 
@@ -29,8 +28,11 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
 
 
 def connect_ray(address: str) -> None:
-    """``local`` starts Ray on this machine; anything else (``auto``, ``host:port``, ``ray://...``) attaches."""
+    """``local`` starts a new Ray on this machine (even with ``RAY_ADDRESS`` set); anything else (``auto``,
+    ``host:port``, ``ray://...``) attaches. Ray's INFO lines only at ``-v`` (``reporting.ray_logging_level``)."""
     import ray
+
+    from persim_bench.orchestration.reporting import ray_logging_level
 
     if ray.is_initialized():
         return
@@ -38,9 +40,10 @@ def connect_ray(address: str) -> None:
         check_reachable(address)
     try:
         if address == "local":
-            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, configure_logging=True)
+            ray.init(address="local", include_dashboard=False, logging_level=ray_logging_level(),
+                     configure_logging=True)
         else:
-            ray.init(address=address, logging_level=logging.WARNING)
+            ray.init(address=address, logging_level=ray_logging_level())
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise ClusterError(f"cannot reach Ray at --address {address}: {str(err).splitlines()[0]}")
 

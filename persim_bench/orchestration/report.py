@@ -18,7 +18,8 @@ from persim_bench.config import Grid
 from persim_bench.data.behaviour import RandomPolicy
 from persim_bench.envs import get_env
 from persim_bench.evaluate import score_policy
-from persim_bench.analysis.tabular import to_markdown, write_table
+from persim_bench.analysis.tabular import method_colours, png_to_pdf, to_markdown, write_table
+from persim_bench.orchestration.guard import inside
 from persim_bench.orchestration.tables import dataset_summaries, method_label
 from persim_bench.orchestration.tracking import grid_experiment, latest_trial_runs, newest_parent_run
 
@@ -76,7 +77,7 @@ def factor_table(records: list[dict]) -> dict:
 
 
 def copy_factor_figures(client, records: list[dict], out: Path) -> list[Path]:
-    """Figure 1, one PNG per env x regime: the t-SNE of the lowest seed's PerSim trial, copied from MLflow."""
+    """Figure 1, one PNG (and PDF) per env x regime: the t-SNE of the lowest seed's PerSim trial, copied from MLflow."""
     first: dict[tuple[str, str], dict] = {}
     for record in sorted(records, key=lambda r: r["seed"]):
         if record["algo"] == "persim":
@@ -89,6 +90,11 @@ def copy_factor_figures(client, records: list[dict], out: Path) -> list[Path]:
         local = client.download_artifacts(record["run_id"], "agent_factors.png", str(out))
         target = out / f"figure1_{env}_{regime}.png"
         shutil.move(local, target)
+        if "agent_factors.pdf" in names:
+            shutil.move(client.download_artifacts(record["run_id"], "agent_factors.pdf", str(out)),
+                        target.with_suffix(".pdf"))
+        else:  # the trial logged the PNG alone: the PDF beside it holds its pixels
+            png_to_pdf(target)
         figures.append(target)
     return figures
 
@@ -103,7 +109,7 @@ def write_report(grid: Grid, tracking_uri: str, results: Path, data_root: Path) 
     client = MlflowClient(tracking_uri)
     experiment = grid_experiment(client, grid, tracking_uri)
     records = trial_records(client, latest_trial_runs(client, experiment.experiment_id))
-    out = results / grid.name / "report"
+    out = inside(results, results / grid.name / "report")
     out.mkdir(parents=True, exist_ok=True)
     summaries = dataset_summaries(grid, data_root, results / "policies")
     unreadable = {key: s["error"] for key, s in summaries.items() if "error" in s}
@@ -117,11 +123,14 @@ def write_report(grid: Grid, tracking_uri: str, results: Path, data_root: Path) 
     if unreadable:  # never a silent gap in Table 8
         parts.append("## Datasets that could not be read\n\n" + "".join(
             f"- {env}/{regime}: {error}\n" for (env, regime), error in sorted(unreadable.items())))
-    parts += [f"![{path.stem}]({path.name})\n" for path in copy_factor_figures(client, records, out)]
+    parts += [f"![{path.stem}]({path.name}) ([PDF]({path.stem}.pdf))\n"
+              for path in copy_factor_figures(client, records, out)]
     if report.normalised_scores:
         labelled = {method_label(key): scores for key, scores in report.normalised_scores.items()}
-        performance_profile_figure(labelled, out / "performance_profile.png")
-        parts.append("## Performance profile\n\n![performance profile](performance_profile.png)\n")
+        colours = {method_label(key): colour for key, colour in method_colours(report.normalised_scores).items()}
+        performance_profile_figure(labelled, out / "performance_profile.png", colours=colours)
+        parts.append("## Performance profile\n\n![performance profile](performance_profile.png) "
+                     "([PDF](performance_profile.pdf))\n")
     (out / "report.md").write_text("\n".join(parts))
     parent = newest_parent_run(client, experiment.experiment_id)
     if parent is not None:

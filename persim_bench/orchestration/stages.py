@@ -8,6 +8,7 @@ trial that already finished is never run again (its MLflow run is the one record
 """
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def prepare_data(grid: Grid, results: Path, workers: int | None = None) -> tuple
     from persim_bench.data.policies import train_policies
     from persim_bench.orchestration.tables import write_policy_table
 
-    policy_root, data_root = results / "policies", results / "datasets" / grid.name
+    policy_root, data_root = inside(results, results / "policies"), inside(results, results / "datasets" / grid.name)
     print(f"[policies] {policy_root}")
     headers = train_policies(grid, policy_root)
     if headers:
@@ -63,6 +64,8 @@ def run_stage(grid: Grid, trials: list[Trial], context: RunContext, storage: str
     from mlflow.tracking import MlflowClient
     from ray import tune
 
+    from persim_bench.orchestration import reporting
+
     def resources(config: dict) -> dict:
         wanted = grid.trial_resources(resources_key(Trial.from_dict(config["trial"])))
         return {"cpu": wanted.cpu, "gpu": wanted.gpu}
@@ -85,7 +88,8 @@ def run_stage(grid: Grid, trials: list[Trial], context: RunContext, storage: str
                 trial_name_creator=lambda t: t.config["trial"]["name"],
                 trial_dirname_creator=lambda t: t.config["trial"]["name"]),
             run_config=tune.RunConfig(
-                name=name, storage_path=storage, verbose=1, callbacks=[state_recorder(path, record)],
+                name=name, storage_path=storage, verbose=reporting.tune_verbosity(),
+                callbacks=[state_recorder(path, record), *reporting.trial_lines()],
                 failure_config=tune.FailureConfig(max_failures=grid.max_failures, fail_fast=False)),
         )
     outcome = tuner.fit()
@@ -149,7 +153,7 @@ def _run_stages(grid: Grid, results: Path, source: str, tracking_uri: str, stora
         tracking.save_state(results, grid, state)
     parent_run_id, experiment_id = state["parent_run_id"], state["experiment_id"]
     context = RunContext(grid.model_dump(), str(data_root), str(policy_root), tracking_uri, experiment_id,
-                         parent_run_id)
+                         parent_run_id, session=uuid.uuid4().hex)
     print(f"[main] MLflow {tracking_uri} (parent run {parent_run_id}); Tune storage {storage}")
     failed, chosen = [], None
     cv_trials = rank_cv_trials(grid)

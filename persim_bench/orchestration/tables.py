@@ -21,6 +21,7 @@ from persim_bench.data.dataset import MANIFEST, DatasetError, dataset_dir, read_
 from persim_bench.data.generate import dataset_plan
 from persim_bench.data.policies import policy_label
 from persim_bench.envs import get_env
+from persim_bench.orchestration.guard import inside
 from persim_bench.orchestration.rank_cv import rank_cv_figure, rank_cv_table
 from persim_bench.orchestration.tracking import grid_experiment, latest_trial_runs, newest_parent_run
 from persim_bench.specs import REGIMES
@@ -206,25 +207,71 @@ def _chosen(header: dict) -> str:
     return f"{steps:,} steps: {value:.4g}" + (f" (target {target:g}, {header.get('target_rule')})" if target is not None else " (best)")
 
 
-def reward_figure(table: dict, path: Path) -> None:
-    """Grouped bars of a reward table: one group per test agent, one bar per (regime, method) row."""
+def method_key_of(label: str) -> str:
+    """The inverse of ``method_label``: ``"PerSim (rank 4)"`` -> ``persim@r4``; an unknown label is its own key."""
+    algo, rank = label, ""
+    if label.endswith(")") and " (rank " in label:
+        algo, _, rank = label[:-1].rpartition(" (rank ")
+    key = next((name for name, a in ALGORITHMS.items() if a.label == algo), algo)
+    return key + (f"@r{rank}" if rank else "")
+
+
+def reward_figure(table: dict, path: Path):
+    """Bars of a reward table, one panel per regime: a group per test agent, a bar (mean, +- std whisker) per
+    method, each method in its fixed colour (``analysis.tabular.method_colours``) and one shared legend below.
+
+    Rows without a regime (``-``: True env + MPC, which needs no offline data) are a reference drawn in every
+    panel. Writes the PNG and a PDF beside it; returns the (closed) figure, for inspection.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    from persim_bench.analysis.tabular import fit_text_width, method_colours
 
     agents = table["columns"][2:]
-    fig, ax = plt.subplots(figsize=(max(8, 2 * len(agents)), 3.6))
-    width = 0.8 / max(1, len(table["rows"]))
-    for i, row in enumerate(table["rows"]):
-        means = [float(cell.split(" +- ")[0]) for cell in row[2:]]
-        errors = [float(cell.split(" +- ")[1]) if " +- " in cell else 0.0 for cell in row[2:]]
-        ax.bar(np.arange(len(agents)) + i * width, means, width, yerr=errors, label=f"{row[1]} ({row[0]})")
-    ax.set_xticks(np.arange(len(agents)) + 0.4 - width / 2, agents, fontsize=8)
-    ax.set_ylabel("reward")
-    ax.set_title(table["title"], fontsize=9)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    regimes = list(dict.fromkeys(row[0] for row in table["rows"] if row[0] != "-")) or ["-"]
+    shared = [row for row in table["rows"] if row[0] == "-"]
+    methods = list(dict.fromkeys(row[1] for row in table["rows"]))
+    colours = method_colours(method_key_of(m) for m in methods)
+    colour = {m: colours[method_key_of(m)] for m in methods}
+
+    n_columns = min(len(regimes), 2)
+    n_rows = -(-len(regimes) // n_columns)
+    per_panel = max(len(set(row[1] for row in table["rows"] if row[0] in (regime, "-"))) for regime in regimes)
+    panel_width = max(5.0, 0.9 * len(agents) * max(1.0, per_panel * 0.22))
+    fig, axes = plt.subplots(n_rows, n_columns, figsize=(panel_width * n_columns, 3.2 * n_rows + 0.8),
+                             squeeze=False, sharey=True, layout="constrained")
+    for extra in axes.flat[len(regimes):]:
+        fig.delaxes(extra)
+    x = np.arange(len(agents))
+    for ax, regime in zip(axes.flat, regimes):
+        rows = [row for row in table["rows"] if row[0] == regime] + (shared if regime != "-" else [])
+        width = 0.8 / max(1, len(rows))
+        for i, row in enumerate(rows):
+            means = [_reward_cell(cell)[0] for cell in row[2:]]
+            errors = [_reward_cell(cell)[1] for cell in row[2:]]
+            ax.bar(x + (i - (len(rows) - 1) / 2) * width, means, width, yerr=errors, color=colour[row[1]],
+                   error_kw={"elinewidth": 0.8, "capsize": 1.5}, label=row[1])
+        ax.set_xticks(x, [a.replace(", ", "\n") for a in agents], fontsize=8)
+        ax.set_title("no offline data" if regime == "-" else f"regime: {regime}", fontsize=9)
+        ax.axhline(0, color="black", linewidth=0.5)
+        ax.grid(axis="y", linewidth=0.3, alpha=0.5)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("reward")
+    handles = [Patch(facecolor=colour[m], label=m) for m in methods]
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(methods), 5), fontsize=8, frameon=False)
+    fit_text_width(fig, fig.suptitle(table["title"], fontsize=9))
     save_figure(fig, path)
+    return fig
+
+
+def _reward_cell(cell: str) -> tuple[float, float]:
+    """``"mean +- std"`` or ``"mean"`` (one seed) -> (mean, std)."""
+    mean, _, std = cell.partition(" +- ")
+    return float(mean), float(std) if std else 0.0
 
 
 def write_policy_table(headers: dict, out: Path) -> None:
@@ -238,7 +285,7 @@ def write_tables(grid: Grid, tracking_uri: str, results: Path, data_root: Path) 
     client = MlflowClient(tracking_uri)
     experiment = grid_experiment(client, grid, tracking_uri)
     runs = latest_trial_runs(client, experiment.experiment_id)
-    out = results / grid.name
+    out = inside(results, results / grid.name)
     out.mkdir(parents=True, exist_ok=True)
     summaries = dataset_summaries(grid, data_root, results / "policies")
     tables = {"datasets": dataset_table(summaries, grid.data.n_agents), **build_tables(runs, grid),
@@ -255,6 +302,7 @@ def write_tables(grid: Grid, tracking_uri: str, results: Path, data_root: Path) 
         summary.append(to_markdown(table))
         if name.startswith("reward_") and table["rows"]:
             reward_figure(table, out / f"{name}.png")
+            summary.append(f"![{name}]({name}.png) ([PDF]({name}.pdf))\n")
     failures = failed_trials(runs)
     if failures:
         summary.append("**Failed trials**\n\n" + "\n".join(f"- {line}" for line in failures) + "\n")

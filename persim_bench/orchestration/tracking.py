@@ -10,13 +10,17 @@ import json
 import time
 from pathlib import Path
 
+import yaml
+
 from persim_bench.algos.base import Trial
 from persim_bench.algos.registry import ALGORITHMS
 from persim_bench.config import Grid
 from persim_bench.data.dataset import write_json
 from persim_bench.errors import GridError, TrackingError
+from persim_bench.orchestration.provenance import provenance_tags
 
 EXPERIMENT_PREFIX = "persim-bench"
+GRID_ARTIFACT = "grid.yaml"  # on every parent run
 
 
 def default_tracking_uri(results: Path) -> str:
@@ -102,7 +106,10 @@ def start_parent_run(grid: Grid, tracking_uri: str, source: str, artifact_root: 
     else:
         experiment_id = experiment.experiment_id
     parent = client.create_run(experiment_id, run_name=f"{grid.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                               tags={"grid": grid.name, "grid_source": source, "persim_bench.parent": "1"})
+                               tags={"grid": grid.name, "grid_source": source, "persim_bench.parent": "1",
+                                     **provenance_tags()})
+    # The resolved grid (extends merged, defaults filled, narrowing applied): what `evaluate` rebuilds trials from.
+    client.log_text(parent.info.run_id, yaml.safe_dump(grid.model_dump(), sort_keys=False), GRID_ARTIFACT)
     return experiment_id, parent.info.run_id
 
 

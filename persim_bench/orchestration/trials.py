@@ -16,6 +16,7 @@ from persim_bench.algos.base import Trial, TrialContext
 from persim_bench.algos.registry import ALGORITHMS
 from persim_bench.config import Grid
 from persim_bench.envs import get_env
+from persim_bench.orchestration.provenance import dataset_input, log_trained_model, provenance_tags
 from persim_bench.orchestration.tracking import find_trial_run, trial_params
 from persim_bench.specs import per_env
 
@@ -111,14 +112,20 @@ class RunContext:
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
+    session: str = ""  # one id per driver process: a trial's error is not retried within it, only on --resume
+
+
+class TrialError(RuntimeError):
+    """A trial's own code failed (recorded in MLflow): Tune shows the trial as ERROR, with this message."""
 
 
 def run_trial(config: dict, context: RunContext) -> None:
     """The Tune trainable: one experiment, recorded in exactly one MLflow run per grid invocation.
 
-    A retried or resumed trial reuses its earlier run (and, if that run finished, its result);
-    an error of the trial's own code is recorded once and not raised, so Tune's retries are
-    left for what they are for: a worker or node that died.
+    A retried or resumed trial reuses its earlier run (and, if that run finished, its result).
+    An error of the trial's own code is recorded in MLflow and raised to Tune (the trial ends
+    ERROR); Tune's restart of it in the same driver session raises it again at once, so only a
+    worker or node that died gets a real retry. ``--resume`` (a new session) runs it again.
     """
     import ray
     import torch
@@ -136,12 +143,19 @@ def run_trial(config: dict, context: RunContext) -> None:
     if earlier is not None and earlier.info.status == "FINISHED":
         tune.report({**earlier.data.metrics, "stage": "done", "reused": 1, "mlflow_run_id": earlier.info.run_id})
         return
+    if earlier is not None and earlier.info.status == "FAILED" and earlier.data.tags.get("session") == context.session:
+        # Tune restarts an errored trial as if its node were lost: our own code's error stays an error.
+        raise TrialError(earlier.data.tags.get("error", "failed"))
     if earlier is None:
         run_id = client.create_run(
             context.experiment_id, run_name=trial.name,
             tags={"mlflow.parentRunId": context.parent_run_id, "trial": trial.name, "stage": trial.stage,
-                  "algo": trial.algo, "env": trial.env, "regime": trial.regime, "seed": str(trial.seed)}).info.run_id
+                  "algo": trial.algo, "env": trial.env, "regime": trial.regime, "seed": str(trial.seed),
+                  **provenance_tags()}).info.run_id
         client.log_batch(run_id, params=[Param(k, v) for k, v in trial_params(context.grid, trial).items()])
+        read = dataset_input(Path(context.data_root), grid.name, trial.env, trial.regime)
+        if read is not None and ALGORITHMS[trial.algo].needs_data:
+            client.log_inputs(run_id, datasets=[read])
     else:  # a restart after the worker died, or a resumed invocation
         run_id = earlier.info.run_id
         client.update_run(run_id, status="RUNNING")
@@ -158,10 +172,10 @@ def run_trial(config: dict, context: RunContext) -> None:
     except Exception as err:
         error = f"{type(err).__name__}: {err}"
         client.set_tag(run_id, "error", error[:5000])
+        client.set_tag(run_id, "session", context.session)
         client.log_text(run_id, traceback.format_exc(), "error.txt")
         client.set_terminated(run_id, "FAILED")
-        tune.report({"stage": "failed", "error": error[:500], "mlflow_run_id": run_id})
-        return
+        raise TrialError(error) from None  # Tune records the trial as ERROR (ResultGrid.errors)
     metrics = {**metrics, **cost_metrics(ctx.costs, time.perf_counter() - started)}
     now = int(time.time() * 1000)
     numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -175,5 +189,7 @@ def run_trial(config: dict, context: RunContext) -> None:
             client.set_tag(run_id, key, value)
     for path in ctx.artifacts:
         client.log_artifact(run_id, str(path))
+    if ctx.models:
+        log_trained_model(client, context.experiment_id, run_id, trial.name, trial.algo, ctx.models)
     client.set_terminated(run_id, "FINISHED")
     tune.report({**numbers, "stage": "done", "mlflow_run_id": run_id})

@@ -1,0 +1,78 @@
+"""Runs carry their provenance and their trained models; a model reloads and evaluates again; trial errors are Tune ERRORs."""
+from __future__ import annotations
+
+import json
+import math
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from persim_bench import cli
+from persim_bench.orchestration.reevaluate import evaluate_run
+from persim_bench.orchestration.tracking import latest_trial_runs
+
+pytestmark = pytest.mark.integration
+
+TINY = {
+    "name": "tiny-provenance", "seed": 0, "envs": ["cartpole"], "regimes": ["random"],
+    "algos": ["persim", "cadm_vanilla", "true_env_mpc"], "seeds": [0],
+    "data": {"n_agents": 6, "agents_per_shard": 6},
+    "persim": {"rank": 2, "epochs": 2, "ensemble": 2, "state_hidden": [8], "action_hidden": [8]},
+    "cadm": {"hidden": [8], "context_hidden": [8], "iterations": 1, "epochs_per_iteration": 1},
+    "planner": {"horizon": 3, "candidates": 8, "elites": 2, "iterations": 1},
+    "evaluation": {"prediction_policy": "heuristic", "prediction_trajectories": 2, "prediction_steps": 4,
+                   "burn_in": 2, "reward_episodes": 1, "max_steps": {"cartpole": 10}},
+}
+
+
+@pytest.fixture(scope="module")
+def finished(ray_cluster, tmp_path_factory):
+    import yaml
+
+    root = tmp_path_factory.mktemp("provenance")
+    (root / "grid.yaml").write_text(yaml.safe_dump(TINY))
+    results = root / "results"
+    cli.main(["run", "--grid", str(root / "grid.yaml"), "--results", str(results)])
+    client = MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("persim-bench/tiny-provenance")
+    runs = {r.data.tags["trial"]: r for r in latest_trial_runs(client, experiment.experiment_id)}
+    parent = client.get_run(runs["persim-cartpole-random-r2-s0"].data.tags["mlflow.parentRunId"])
+    return results, client, experiment, runs, parent
+
+
+def test_every_run_carries_version_commit_grid_and_dataset(finished):
+    results, client, experiment, runs, parent = finished
+    import persim_bench
+
+    for run in [parent, *runs.values()]:
+        assert run.data.tags["persim_bench.version"] == persim_bench.__version__
+        assert len(run.data.tags["persim_bench.git_commit"]) == 40  # the tests run from a git checkout
+    grid = mlflow.artifacts.load_text(f"{parent.info.artifact_uri}/grid.yaml")
+    assert "name: tiny-provenance" in grid and "rank_grid:" in grid  # resolved: defaults filled in
+    manifest = json.loads((results / "datasets" / "tiny-provenance" / "cartpole" / "regime=random"
+                           / "_manifest.json").read_text())
+    persim = client.get_run(runs["persim-cartpole-random-r2-s0"].info.run_id)
+    (read,) = persim.inputs.dataset_inputs
+    assert read.dataset.digest == manifest["fingerprint"] and read.dataset.name == "tiny-provenance/cartpole/random"
+    assert not client.get_run(runs["true-env-mpc-cartpole-s0"].info.run_id).inputs.dataset_inputs  # reads no data
+
+
+def test_trained_models_are_logged_models_that_evaluate_again(finished):
+    results, client, experiment, runs, _ = finished
+    models = client.search_logged_models(experiment_ids=[experiment.experiment_id])
+    assert {m.source_run_id for m in models} == {runs["persim-cartpole-random-r2-s0"].info.run_id,
+                                                 runs["cadm-vanilla-cartpole-random-s0"].info.run_id}
+    original = runs["persim-cartpole-random-r2-s0"]
+    new_id, metrics = evaluate_run(original.info.run_id, results, f"sqlite:///{results / 'mlflow.db'}", episodes=1)
+    # the same model, seed and settings: the same numbers as the trial measured
+    assert metrics["reward_agent0"] == original.data.metrics["reward_agent0"]
+    assert metrics["rmse_agent0"] == pytest.approx(original.data.metrics["rmse_agent0"], rel=1e-5)
+    again = client.get_run(new_id)
+    assert again.data.tags["persim_bench.evaluates"] == original.info.run_id and "trial" not in again.data.tags
+    _, narrowed = evaluate_run(runs["cadm-vanilla-cartpole-random-s0"].info.run_id, results,
+                               f"sqlite:///{results / 'mlflow.db'}", episodes=2, agents=[1])
+    assert math.isfinite(narrowed["reward_agent1"]) and "reward_agent0" not in narrowed
+    # the tables keep reading the trial's own run
+    assert {r.info.run_id for r in latest_trial_runs(client, experiment.experiment_id)} == {
+        r.info.run_id for r in runs.values()}
