@@ -76,3 +76,15 @@ def test_trained_models_are_logged_models_that_evaluate_again(finished):
     # the tables keep reading the trial's own run
     assert {r.info.run_id for r in latest_trial_runs(client, experiment.experiment_id)} == {
         r.info.run_id for r in runs.values()}
+
+
+def test_the_evaluate_command_prints_and_records(finished, capsys):
+    results, client, experiment, runs, _ = finished
+    original = runs["persim-cartpole-random-r2-s0"].info.run_id
+    cli.main(["evaluate", "--run", original, "--results", str(results), "--episodes", "1", "--agents", "0"])
+    out = capsys.readouterr().out
+    assert "reward_agent0" in out and f"evaluation of run {original} recorded as MLflow run" in out
+    with pytest.raises(SystemExit, match="persim-bench: no MLflow run 'nope'"):
+        cli.main(["evaluate", "--run", "nope", "--results", str(results)])
+    with pytest.raises(SystemExit, match="saves no model that `evaluate` can reload"):
+        cli.main(["evaluate", "--run", runs["true-env-mpc-cartpole-s0"].info.run_id, "--results", str(results)])
