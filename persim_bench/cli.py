@@ -177,6 +177,16 @@ def cmd_bench(args) -> None:
     bench.main(args.what, quick=args.quick, device=args.device)
 
 
+MLFLOW_URI_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI if set, else sqlite:///<results>/mlflow.db)"
+
+
+def stored_run_args(parser: argparse.ArgumentParser) -> None:
+    """The options of the commands that read a finished run back from MLflow (tables, report)."""
+    parser.add_argument("--grid", required=True, help="grid name in tune_configs/ (smoke, paper, full) or a YAML path")
+    parser.add_argument("--results", default="results", help="results folder of the run (default: ./results)")
+    parser.add_argument("--mlflow-uri", help=MLFLOW_URI_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="persim-bench", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -222,8 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--algo", action="append", help="only this algorithm (repeatable)")
     run.add_argument("--seed", action="append", type=int, help="only this seed (repeatable)")
     run.add_argument("--storage", help="Tune storage path or URI (default: <results>/ray)")
-    run.add_argument("--mlflow-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI if set, else "
-                                          "sqlite:///<results>/mlflow.db)")
+    run.add_argument("--mlflow-uri", help=MLFLOW_URI_HELP)
     run.add_argument("--resume", action="store_true",
                      help="continue the last interrupted run of this grid: finished trials are not rerun")
     run.add_argument("--dry-run", action="store_true",
@@ -239,10 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     tables = command("tables", "write the paper's tables from MLflow to results/<grid>/",
                      "Rebuild the paper's tables (Markdown, CSV, LaTeX) and the cost table of a grid from its MLflow "
                      "runs (the latest run of every trial) into <results>/<grid>/. Starts no Ray.")
-    tables.add_argument("--grid", required=True, help="grid name in tune_configs/ (smoke, paper, full) or a YAML path")
-    tables.add_argument("--results", default="results", help="results folder of the run (default: ./results)")
-    tables.add_argument("--mlflow-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI if set, else "
-                                             "sqlite:///<results>/mlflow.db)")
+    stored_run_args(tables)
     tables.set_defaults(func=cmd_tables)
 
     report = command("report", "the reproduction report: paper vs ours cell by cell, claims, aggregates, "
@@ -250,10 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "Write the reproduction report of a grid from its MLflow runs: every paper cell the grid "
                      "covers next to ours (95 % CI, ratio, verdict), the paper's claims, IQM and optimality gap, "
                      "Figure 1; into <results>/<grid>/report/. Starts no Ray.")
-    report.add_argument("--grid", required=True, help="grid name in tune_configs/ (smoke, paper, full) or a YAML path")
-    report.add_argument("--results", default="results", help="results folder of the run (default: ./results)")
-    report.add_argument("--mlflow-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI if set, else "
-                                             "sqlite:///<results>/mlflow.db)")
+    stored_run_args(report)
     report.set_defaults(func=cmd_report)
 
     evaluate = command("evaluate", "reload a trial's saved model and evaluate it again, without training",
@@ -266,8 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--agents", type=int, nargs="+", help="test agents to evaluate, 0-4 (default: the grid's)")
     evaluate.add_argument("--results", default="results",
                           help="results folder holding the policies for the prediction test (default: ./results)")
-    evaluate.add_argument("--mlflow-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI if set, else "
-                                               "sqlite:///<results>/mlflow.db)")
+    evaluate.add_argument("--mlflow-uri", help=MLFLOW_URI_HELP)
     evaluate.set_defaults(func=cmd_evaluate)
 
     ui = command("ui", "the MLflow UI on 127.0.0.1 over the results database",
