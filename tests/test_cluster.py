@@ -130,7 +130,8 @@ def test_resume_refuses_a_changed_grid_and_a_grid_never_run(tmp_path, write_grid
     grid_path = write_grid(GRID)
     results = tmp_path / "results"
     grid = load_grid(grid_path)
-    tracking.save_state(results, grid, tracking.new_state(grid, "sqlite:///x.db", str(results / "ray"), "1", "abc"))
+    tracking.save_state(results, grid, tracking.new_state(grid, "sqlite:///x.db", str(results / "ray"), "1", "abc",
+                                                          results))
     write_grid({**GRID, "seeds": [0, 1]})
     with pytest.raises(SystemExit, match="grid 'cluster' changed since the run being resumed"):
         cli.main(["run", "--grid", str(grid_path), "--results", str(results), "--resume"])

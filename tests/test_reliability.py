@@ -139,3 +139,17 @@ def test_a_folder_that_cannot_be_written_is_one_line_naming_it(tmp_path):
         cli.main(["tables", "--grid", str(_grid(tmp_path)), "--results", str(results)])
     message = str(err.value.code)
     assert message.startswith(f"persim-bench: {results / 'tiny-faults'}: ") and "\n" not in message
+
+
+def test_the_resume_state_keeps_locations_inside_results_relative(tmp_path):
+    from persim_bench.config import load_grid
+    from persim_bench.orchestration import tracking
+
+    grid = load_grid(_grid(tmp_path))
+    results = tmp_path / "results"
+    state = tracking.new_state(grid, f"sqlite:///{results / 'mlflow.db'}", str(results / "ray"), "1", "abc", results)
+    assert state["storage"] == "ray" and state["tracking_uri"] == "sqlite:results/mlflow.db"
+    moved = tmp_path / "elsewhere"
+    assert tracking.stores_of(state, moved) == (f"sqlite:///{moved.resolve() / 'mlflow.db'}", str(moved.resolve() / "ray"))
+    outside = tracking.new_state(grid, "http://mlflow:5000", "s3://bucket/tune", "1", "abc", results)
+    assert tracking.stores_of(outside, moved) == ("http://mlflow:5000", "s3://bucket/tune")

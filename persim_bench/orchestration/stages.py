@@ -149,8 +149,9 @@ def _run_stages(grid: Grid, results: Path, source: str, tracking_uri: str, stora
     else:
         artifact_root = None if mlflow_uri else results / "mlartifacts"
         experiment_id, parent_run_id = tracking.start_parent_run(grid, tracking_uri, source, artifact_root)
-        state = tracking.new_state(grid, tracking_uri, storage, experiment_id, parent_run_id)
-        tracking.save_state(results, grid, state)
+        tracking.save_state(results, grid, tracking.new_state(grid, tracking_uri, storage, experiment_id,
+                                                              parent_run_id, results))
+        state = {"parent_run_id": parent_run_id, "experiment_id": experiment_id}
     parent_run_id, experiment_id = state["parent_run_id"], state["experiment_id"]
     context = RunContext(grid.model_dump(), str(data_root), str(policy_root), tracking_uri, experiment_id,
                          parent_run_id, session=uuid.uuid4().hex)

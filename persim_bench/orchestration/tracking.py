@@ -145,6 +145,7 @@ def resume_state(results: Path, grid: Grid, tracking_uri: str | None, storage: s
     if state["fingerprint"] != grid_fingerprint(grid):
         raise GridError(f"grid {grid.name!r} changed since the run being resumed (started {state.get('started')}); "
                         f"restore its definition and narrowing options, or run without --resume")
+    state["tracking_uri"], state["storage"] = stores_of(state, results)
     for key, given in (("tracking_uri", tracking_uri), ("storage", storage)):
         if given and given != state[key]:
             raise GridError(f"--resume: {key} {given!r} differs from the interrupted run's {state[key]!r}")
@@ -168,7 +169,39 @@ def save_state(results: Path, grid: Grid, state: dict) -> None:
     write_json(state, path)
 
 
-def new_state(grid: Grid, tracking_uri: str, storage: str, experiment_id: str, parent_run_id: str) -> dict:
-    return {"grid": grid.name, "fingerprint": grid_fingerprint(grid), "tracking_uri": tracking_uri,
-            "storage": storage, "experiment_id": experiment_id, "parent_run_id": parent_run_id,
+def new_state(grid: Grid, tracking_uri: str, storage: str, experiment_id: str, parent_run_id: str,
+              results: Path) -> dict:
+    """What ``--resume`` needs. Locations under the results folder are kept relative to it (the folder
+    can move, or be mounted elsewhere on another machine); Tune and MLflow get them absolute again."""
+    return {"grid": grid.name, "fingerprint": grid_fingerprint(grid),
+            "tracking_uri": _relative_uri(tracking_uri, results), "storage": _relative_path(storage, results),
+            "experiment_id": experiment_id, "parent_run_id": parent_run_id,
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def stores_of(state: dict, results: Path) -> tuple[str, str]:
+    """(tracking URI, Tune storage) of a saved state, absolute."""
+    uri, storage = state["tracking_uri"], state["storage"]
+    if uri.startswith(RESULTS_SQLITE):
+        uri = f"sqlite:///{(results / uri.removeprefix(RESULTS_SQLITE)).resolve()}"
+    if "://" not in storage and not Path(storage).is_absolute():
+        storage = str((results / storage).resolve())
+    return uri, storage
+
+
+RESULTS_SQLITE = "sqlite:results/"  # our marker for a SQLite store inside the results folder
+
+
+def _relative_path(location: str, results: Path) -> str:
+    if "://" in location:
+        return location
+    path, root = Path(location).resolve(), results.resolve()
+    return str(path.relative_to(root)) if root in path.parents else location
+
+
+def _relative_uri(uri: str, results: Path) -> str:
+    if uri.startswith("sqlite:///"):
+        path, root = Path(uri.removeprefix("sqlite:///")).resolve(), results.resolve()
+        if root in path.parents:
+            return RESULTS_SQLITE + str(path.relative_to(root))
+    return uri
