@@ -146,23 +146,24 @@ def run_trial(config: dict, context: RunContext) -> None:
     if earlier is not None and earlier.info.status == "FAILED" and earlier.data.tags.get("session") == context.session:
         # Tune restarts an errored trial as if its node were lost: our own code's error stays an error.
         raise TrialError(earlier.data.tags.get("error", "failed"))
-    if earlier is None:
+    device = trial_device(grid, trial)
+    where = {"node": ray.get_runtime_context().get_node_id(), "device": device}
+    if earlier is None:  # where it runs is tagged with the run's creation: a watcher never sees it without
         run_id = client.create_run(
             context.experiment_id, run_name=trial.name,
             tags={"mlflow.parentRunId": context.parent_run_id, "trial": trial.name, "stage": trial.stage,
                   "algo": trial.algo, "env": trial.env, "regime": trial.regime, "seed": str(trial.seed),
-                  **provenance_tags()}).info.run_id
+                  **where, **provenance_tags()}).info.run_id
         client.log_batch(run_id, params=[Param(k, v) for k, v in trial_params(context.grid, trial).items()])
         read = dataset_input(Path(context.data_root), grid.name, trial.env, trial.regime)
         if read is not None and ALGORITHMS[trial.algo].needs_data:
             client.log_inputs(run_id, datasets=[read])
     else:  # a restart after the worker died, or a resumed invocation
         run_id = earlier.info.run_id
-        client.update_run(run_id, status="RUNNING")
         client.set_tag(run_id, "attempts", str(int(earlier.data.tags.get("attempts", "1")) + 1))
-    device = trial_device(grid, trial)
-    client.set_tag(run_id, "node", ray.get_runtime_context().get_node_id())
-    client.set_tag(run_id, "device", device)
+        for key, value in where.items():
+            client.set_tag(run_id, key, value)
+        client.update_run(run_id, status="RUNNING")
     ctx = TrialContext(grid, Path(context.data_root), Path(context.policy_root),
                        Path(tune.get_context().get_trial_dir()), device, tune.report)
     run = cross_validate_rank if trial.stage == RANK_CV else ALGORITHMS[trial.algo].run
