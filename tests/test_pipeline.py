@@ -115,7 +115,7 @@ def _poison_rewards(folder):
 
 
 def test_a_failed_trial_is_recorded_and_the_grid_goes_on(ray_cluster, write_grid, tmp_path):
-    grid = write_grid({**TINY, "name": "tiny-failing"})
+    grid = write_grid({**TINY, "name": "tiny-failing", "max_failures": 1})  # one restart: it must raise at once
     results = tmp_path / "results"
     cli.main(["run", "--grid", str(grid), "--results", str(results), "--algo", "true_env_mpc"])
     _poison_rewards(results / "datasets" / "tiny-failing" / "cartpole" / "regime=random")
