@@ -9,6 +9,7 @@ from pathlib import Path
 
 from persim_bench import __version__
 from persim_bench.config import load_grid
+from persim_bench.data.dataset import data_root
 from persim_bench.errors import BenchError, Interrupted
 
 DESCRIPTION = """\
@@ -73,7 +74,7 @@ def cmd_data(args) -> None:
     grid = load_grid(args.grid).narrowed(args.env, args.regime)
     results = Path(args.results).resolve()
     if not args.yes:
-        check_memory(grid, results / "datasets" / grid.name)
+        check_memory(grid, data_root(results, grid.name))
     with RunLock(results, grid.name, f"persim-bench data --grid {args.grid}"):
         connect_ray(ray_address(args))
         prepare_data(grid, results, args.workers)
@@ -97,15 +98,15 @@ def cmd_run(args) -> None:
         from persim_bench.orchestration.estimate import estimate, format_estimate
 
         rate = measure_rate()
-        stages = estimate(grid, rate=rate, data_root=results / "datasets" / grid.name, gpu_rate=args.gpu_rate)
+        stages = estimate(grid, rate=rate, data_root=data_root(results, grid.name), gpu_rate=args.gpu_rate)
         print(format_estimate(grid, stages, rate, args.gpu_rate))
         return
     from persim_bench.orchestration.estimate import check_cost, check_memory
     from persim_bench.orchestration.stages import run_grid
 
     if not args.yes:
-        check_memory(grid, results / "datasets" / grid.name)
-        check_cost(grid, results / "datasets" / grid.name, args.max_cpu_hours)
+        check_memory(grid, data_root(results, grid.name))
+        check_cost(grid, data_root(results, grid.name), args.max_cpu_hours)
     storage = args.storage and (args.storage if "://" in args.storage else str(Path(args.storage).resolve()))
     outcome = run_grid(grid, results, source=str(args.grid), address=ray_address(args), storage=storage,
                        mlflow_uri=given_tracking_uri(args), resume=args.resume)
@@ -125,7 +126,7 @@ def cmd_tables(args) -> None:
     results = Path(args.results).resolve()
     uri = tracking_uri(args, results)
     check_tracking_store(uri)
-    out = write_tables(grid, uri, results, results / "datasets" / grid.name)
+    out = write_tables(grid, uri, results, data_root(results, grid.name))
     if not args.quiet:
         print((out / "tables.md").read_text())
     print(f"tables in {out}")
@@ -139,7 +140,7 @@ def cmd_report(args) -> None:
     results = Path(args.results).resolve()
     uri = tracking_uri(args, results)
     check_tracking_store(uri)
-    path = write_report(grid, uri, results, results / "datasets" / grid.name)
+    path = write_report(grid, uri, results, data_root(results, grid.name))
     if not args.quiet:
         print(path.read_text())
     print(f"report in {path}")

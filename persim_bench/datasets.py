@@ -22,20 +22,10 @@ import pyarrow as pa
 
 from persim_bench.config import Grid, load_grid
 from persim_bench.data.dataset import (
-    MANIFEST, DatasetError, Transitions, agents_table, dataset_dir, read_dataset, read_manifest,
+    MANIFEST, DatasetError, Transitions, agents_table, data_root, dataset_dir, policy_root, read_dataset, read_manifest,
 )
 from persim_bench.data.generate import DatasetPlan, dataset_plan
 from persim_bench.envs import get_env
-
-
-def data_root(results: Path | str, grid: str) -> Path:
-    """Where a grid's datasets live: ``<results>/datasets/<grid>/``."""
-    return Path(results) / "datasets" / grid
-
-
-def policy_root(results: Path | str) -> Path:
-    """Where the logging and test policies live (shared by every grid): ``<results>/policies/``."""
-    return Path(results) / "policies"
 
 
 def _grid(grid: Grid | str | Path) -> Grid:
@@ -82,9 +72,11 @@ class OfflineDataset:
 
     def episodes(self):
         """One ``Episode`` per agent, in agent order."""
+        from persim_bench.data.formats import episode_bounds
+
         data, names = self.transitions, get_env(self.env).covariate_names
-        agents, starts = np.unique(data.agent, return_index=True)
-        for agent, start, stop in zip(agents, starts, np.append(starts[1:], len(data))):
+        agents, bounds = episode_bounds(data)
+        for agent, start, stop in zip(agents, bounds[:-1], bounds[1:]):
             rows = slice(start, stop)
             yield Episode(int(agent), dict(zip(names, map(float, data.covariates[agent]))), data.obs[rows],
                           data.action[rows], data.reward[rows], data.next_obs[rows], data.terminated[rows],

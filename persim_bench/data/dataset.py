@@ -171,6 +171,16 @@ def write_json(data: dict, path: Path) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n"))
 
 
+def data_root(results: Path | str, grid: str) -> Path:
+    """Where a grid's datasets live: ``<results>/datasets/<grid>/``."""
+    return Path(results) / "datasets" / grid
+
+
+def policy_root(results: Path | str) -> Path:
+    """Where the logging and test policies live (shared by every grid): ``<results>/policies/``."""
+    return Path(results) / "policies"
+
+
 def env_dir(root: Path, env: str) -> Path:
     return Path(root) / env
 

@@ -73,8 +73,8 @@ class RunLock:
 
 # ---------------------------------------------------------------- Tune's saved state
 
-def tune_state_digest(experiment_dir: str) -> dict[str, str]:
-    """sha256 of every top-level file Tune restores from, by name (path or URI).
+def _tune_state_files(experiment_dir: str):
+    """(filesystem, infos) of the top-level files Tune restores from (path or URI).
 
     Tune reads back tuner.pkl, trainable.pkl, the experiment and the searcher state, several of
     them by unpickling; trial folders are not read to restore the experiment.
@@ -84,13 +84,18 @@ def tune_state_digest(experiment_dir: str) -> dict[str, str]:
     from persim_bench.orchestration.cluster import filesystem_of
 
     filesystem, root = filesystem_of(experiment_dir)
+    infos = filesystem.get_file_info(fs.FileSelector(root, allow_not_found=True))
+    return filesystem, [i for i in infos if i.type == fs.FileType.File and i.base_name.endswith((".pkl", ".json"))
+                        and not i.base_name.startswith(".")]
 
+
+def tune_state_digest(experiment_dir: str) -> dict[str, str]:
+    """sha256 of every file Tune restores from, by name."""
+    filesystem, infos = _tune_state_files(experiment_dir)
     digests = {}
-    for info in filesystem.get_file_info(fs.FileSelector(root, allow_not_found=True)):
-        name = info.base_name
-        if info.type == fs.FileType.File and name.endswith((".pkl", ".json")) and not name.startswith("."):
-            with filesystem.open_input_stream(info.path) as stream:
-                digests[name] = hashlib.sha256(stream.read()).hexdigest()
+    for info in infos:
+        with filesystem.open_input_stream(info.path) as stream:
+            digests[info.base_name] = hashlib.sha256(stream.read()).hexdigest()
     return digests
 
 
@@ -107,14 +112,8 @@ def verify_tune_state(experiment_dir: str, recorded: dict[str, str] | None, stat
 
 
 def state_listing(experiment_dir: str) -> tuple:
-    """(name, size, mtime) of the top-level files: cheap to poll, changes whenever Tune saves."""
-    from pyarrow import fs
-
-    from persim_bench.orchestration.cluster import filesystem_of
-
-    filesystem, root = filesystem_of(experiment_dir)
-    infos = filesystem.get_file_info(fs.FileSelector(root, allow_not_found=True))
-    return tuple(sorted((i.base_name, i.size, i.mtime_ns) for i in infos if i.type == fs.FileType.File))
+    """(name, size, mtime) of those files: cheap to poll, changes whenever Tune saves."""
+    return tuple(sorted((i.base_name, i.size, i.mtime_ns) for i in _tune_state_files(experiment_dir)[1]))
 
 
 def state_recorder(experiment_dir: str, record):

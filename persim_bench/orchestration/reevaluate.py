@@ -16,6 +16,7 @@ import yaml
 from persim_bench.algos.base import Trial, TrialContext
 from persim_bench.algos.registry import ALGORITHMS
 from persim_bench.config import Grid
+from persim_bench.data.dataset import data_root, policy_root
 from persim_bench.errors import TrackingError
 from persim_bench.orchestration.provenance import provenance_tags
 from persim_bench.orchestration.tracking import GRID_ARTIFACT
@@ -64,7 +65,7 @@ def evaluate_run(run_id: str, results: Path, tracking_uri: str, episodes: int | 
         model_dir = mlflow.artifacts.download_artifacts(artifact_uri=saved.artifact_location,
                                                         dst_path=str(scratch / "model"), tracking_uri=tracking_uri)
         model = algo.reload(Path(model_dir) / "model.pt", "cpu")
-        ctx = TrialContext(grid, results / "datasets" / grid.name, results / "policies", scratch / "work")
+        ctx = TrialContext(grid, data_root(results, grid.name), policy_root(results), scratch / "work")
         started = time.perf_counter()
         metrics = algo.evaluate(model, trial, ctx)
     new = client.create_run(run.info.experiment_id, run_name=f"{trial.name}-evaluate",

@@ -16,6 +16,7 @@ import numpy as np
 from persim_bench.algos.base import Trial, TrialContext
 from persim_bench.config import Grid
 from persim_bench.data.behaviour import RandomPolicy
+from persim_bench.data.dataset import policy_root
 from persim_bench.envs import get_env
 from persim_bench.evaluate import score_policy
 from persim_bench.analysis.tabular import method_colours, png_to_pdf, to_markdown, write_table
@@ -111,7 +112,7 @@ def write_report(grid: Grid, tracking_uri: str, results: Path, data_root: Path) 
     records = trial_records(client, latest_trial_runs(client, experiment.experiment_id))
     out = inside(results, results / grid.name / "report")
     out.mkdir(parents=True, exist_ok=True)
-    summaries = dataset_summaries(grid, data_root, results / "policies")
+    summaries = dataset_summaries(grid, data_root, policy_root(results))
     unreadable = {key: s["error"] for key, s in summaries.items() if "error" in s}
     readable = {key: s for key, s in summaries.items() if key not in unreadable}
     report = build_report(records, readable, random_scores=random_scores(grid), seed=grid.seed)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from persim_bench.algos.base import Trial
 from persim_bench.config import Grid
+from persim_bench.data.dataset import data_root as data_root_of, policy_root as policy_root_of
 from persim_bench.orchestration import tracking
 from persim_bench.errors import Interrupted
 from persim_bench.orchestration.cluster import check_shared_storage, connect_ray
@@ -40,7 +41,7 @@ def prepare_data(grid: Grid, results: Path, workers: int | None = None) -> tuple
     from persim_bench.data.policies import train_policies
     from persim_bench.orchestration.tables import write_policy_table
 
-    policy_root, data_root = inside(results, results / "policies"), inside(results, results / "datasets" / grid.name)
+    policy_root, data_root = inside(results, policy_root_of(results)), inside(results, data_root_of(results, grid.name))
     print(f"[policies] {policy_root}")
     headers = train_policies(grid, policy_root)
     if headers:
@@ -55,8 +56,8 @@ def run_stage(grid: Grid, trials: list[Trial], context: RunContext, storage: str
 
     Tune's saved state is restored only when it is byte for byte what this tool recorded (it is
     unpickled on restore); a callback keeps that record current while the stage runs. Returns the
-    names of trials that failed: recorded FAILED in MLflow, or given up by Tune after
-    ``grid.max_failures`` restarts (their MLflow run is then marked FAILED here). Raises
+    names of trials that ended in ERROR: their own code failed (already FAILED in MLflow), or Tune
+    gave up after ``grid.max_failures`` restarts (their MLflow run is then marked FAILED here). Raises
     ``Interrupted`` when Ctrl-C stopped the stage before every trial ended.
     """
     import functools
@@ -74,7 +75,7 @@ def run_stage(grid: Grid, trials: list[Trial], context: RunContext, storage: str
     path = f"{storage.rstrip('/')}/{name}"
     record = functools.partial(tracking.record_tune_state, results, grid.name, name, path)
     if tune.Tuner.can_restore(path):
-        state_file = tracking.state_path(results, grid)
+        state_file = tracking.state_path(results, grid.name)
         verify_tune_state(path, read_state_file(state_file).get("tune_state", {}).get(name), state_file)
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
     else:
@@ -94,7 +95,7 @@ def run_stage(grid: Grid, trials: list[Trial], context: RunContext, storage: str
         )
     outcome = tuner.fit()
     record()
-    unfinished = [r for r in outcome if r.error is None and (r.metrics or {}).get("stage") not in ("done", "failed")]
+    unfinished = [r for r in outcome if r.error is None and (r.metrics or {}).get("stage") != "done"]
     if unfinished:
         raise Interrupted(f"stage {name}: {len(unfinished)} of {len(outcome)} trials did not finish")
     client = MlflowClient(context.tracking_uri)
@@ -107,8 +108,6 @@ def run_stage(grid: Grid, trials: list[Trial], context: RunContext, storage: str
                 client.set_tag(run.info.run_id, "error", f"gave up after {grid.max_failures} restarts: "
                                                          f"{str(result.error).splitlines()[0]}"[:5000])
                 client.set_terminated(run.info.run_id, "FAILED")
-            failed.append(trial_name)
-        elif (result.metrics or {}).get("stage") == "failed":
             failed.append(trial_name)
     return failed
 

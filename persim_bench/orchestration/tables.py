@@ -17,7 +17,7 @@ from persim_bench.algos.base import Trial
 from persim_bench.analysis.tabular import save_figure, to_markdown, write_table
 from persim_bench.algos.registry import ALGORITHMS
 from persim_bench.config import Grid
-from persim_bench.data.dataset import MANIFEST, DatasetError, dataset_dir, read_dataset
+from persim_bench.data.dataset import MANIFEST, DatasetError, dataset_dir, policy_root, read_dataset
 from persim_bench.data.generate import dataset_plan
 from persim_bench.data.policies import policy_label
 from persim_bench.envs import get_env
@@ -287,7 +287,7 @@ def write_tables(grid: Grid, tracking_uri: str, results: Path, data_root: Path) 
     runs = latest_trial_runs(client, experiment.experiment_id)
     out = inside(results, results / grid.name)
     out.mkdir(parents=True, exist_ok=True)
-    summaries = dataset_summaries(grid, data_root, results / "policies")
+    summaries = dataset_summaries(grid, data_root, policy_root(results))
     tables = {"datasets": dataset_table(summaries, grid.data.n_agents), **build_tables(runs, grid),
               "costs": cost_table(runs, grid, data_root)}
     if any(run.data.tags.get("stage") == "rank_cv" for run in runs):

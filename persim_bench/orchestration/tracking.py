@@ -129,16 +129,16 @@ def grid_fingerprint(grid: Grid) -> str:
     return hashlib.sha256(json.dumps(grid.model_dump(), sort_keys=True).encode()).hexdigest()
 
 
-def state_path(results: Path, grid: Grid) -> Path:
+def state_path(results: Path, grid_name: str) -> Path:
     """Where ``run`` records what ``--resume`` needs: the grid's fingerprint, parent run, stores."""
-    return results / "state" / f"{grid.name}.json"
+    return results / "state" / f"{grid_name}.json"
 
 
 def resume_state(results: Path, grid: Grid, tracking_uri: str | None, storage: str | None) -> dict:
     """The interrupted invocation to continue; refused if the grid or its stores changed since."""
     from persim_bench.orchestration.guard import read_state_file
 
-    path = state_path(results, grid)
+    path = state_path(results, grid.name)
     if not path.exists():
         raise GridError(f"{path}: nothing to resume for grid {grid.name!r} (no earlier `run` under {results})")
     state = read_state_file(path)
@@ -157,14 +157,14 @@ def record_tune_state(results: Path, grid_name: str, stage: str, experiment_dir:
     copy of the Tune callback calling this after a restore holds no stale state of its own)."""
     from persim_bench.orchestration.guard import read_state_file, tune_state_digest
 
-    path = results / "state" / f"{grid_name}.json"
+    path = state_path(results, grid_name)
     state = read_state_file(path)
     state.setdefault("tune_state", {})[stage] = tune_state_digest(experiment_dir)
     write_json(state, path)
 
 
 def save_state(results: Path, grid: Grid, state: dict) -> None:
-    path = state_path(results, grid)
+    path = state_path(results, grid.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(state, path)
 
