@@ -88,3 +88,38 @@ def test_the_evaluate_command_prints_and_records(finished, capsys):
         cli.main(["evaluate", "--run", "nope", "--results", str(results)])
     with pytest.raises(SystemExit, match="saves no model that `evaluate` can reload"):
         cli.main(["evaluate", "--run", runs["true-env-mpc-cartpole-s0"].info.run_id, "--results", str(results)])
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_trials_starting_together_all_log_their_shared_dataset(tmp_path, attempt):
+    """MLflow inserts a dataset row on first use; concurrent trials race for it (a UNIQUE constraint error)."""
+    import threading
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    from persim_bench.orchestration.provenance import log_dataset_input
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment = MlflowClient(uri).create_experiment("race")
+    run_ids = [MlflowClient(uri).create_run(experiment).info.run_id for _ in range(8)]
+    read = DatasetInput(Dataset(name="grid/cartpole/random", digest="d7efb22967a0", source_type="local",
+                                source="/data", schema=None, profile="{}"),
+                        tags=[InputTag("mlflow.data.context", "training")])
+    start, errors = threading.Barrier(len(run_ids)), []
+
+    def log(run_id):
+        client = MlflowClient(uri)
+        start.wait()
+        try:
+            log_dataset_input(client, run_id, read)
+        except Exception as err:  # noqa: BLE001 - every error is the failure this test looks for
+            errors.append(err)
+
+    threads = [threading.Thread(target=log, args=(run_id,)) for run_id in run_ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    client = MlflowClient(uri)
+    assert all(client.get_run(r).inputs.dataset_inputs[0].dataset.digest == "d7efb22967a0" for r in run_ids)

@@ -48,6 +48,24 @@ def dataset_input(data_root: Path, grid_name: str, env: str, regime: str):
     return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])
 
 
+def log_dataset_input(client, run_id: str, read) -> None:
+    """Log ``read`` on ``run_id``; trials that start together race to insert the same dataset row.
+
+    MLflow looks a dataset up by (experiment, name, digest) and inserts it when missing; two
+    concurrent trials both miss it and one insert fails on the UNIQUE constraint. Its retry finds the
+    row the other inserted.
+    """
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(3):
+        try:
+            client.log_inputs(run_id, datasets=[read])
+            return
+        except MlflowException as err:
+            if "UNIQUE constraint failed" not in str(err) or attempt == 2:
+                raise
+
+
 def log_trained_model(client, experiment_id: str, run_id: str, trial_name: str, algo: str, files: list[Path]) -> str:
     """The trial's saved model files as a LoggedModel produced by ``run_id``; returns its model id."""
     from mlflow.entities import LoggedModelOutput

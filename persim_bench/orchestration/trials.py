@@ -16,7 +16,7 @@ from persim_bench.algos.base import Trial, TrialContext
 from persim_bench.algos.registry import ALGORITHMS
 from persim_bench.config import Grid
 from persim_bench.envs import get_env
-from persim_bench.orchestration.provenance import dataset_input, log_trained_model, provenance_tags
+from persim_bench.orchestration.provenance import dataset_input, log_dataset_input, log_trained_model, provenance_tags
 from persim_bench.orchestration.tracking import find_trial_run, trial_params
 from persim_bench.specs import per_env
 
@@ -157,7 +157,7 @@ def run_trial(config: dict, context: RunContext) -> None:
         client.log_batch(run_id, params=[Param(k, v) for k, v in trial_params(context.grid, trial).items()])
         read = dataset_input(Path(context.data_root), grid.name, trial.env, trial.regime)
         if read is not None and ALGORITHMS[trial.algo].needs_data:
-            client.log_inputs(run_id, datasets=[read])
+            log_dataset_input(client, run_id, read)
     else:  # a restart after the worker died, or a resumed invocation
         run_id = earlier.info.run_id
         client.set_tag(run_id, "attempts", str(int(earlier.data.tags.get("attempts", "1")) + 1))
