@@ -20,17 +20,15 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
-from persim_bench.algos.base import ContextualModel, DynamicsModel, Trial, TrialContext
+from persim_bench.contracts import ContextualModel, DynamicsModel, Trial, TrialContext, TrialOutput
 from persim_bench.data.behaviour import PREDICTION_POLICY_NAME, BehaviourPolicy, EpsilonMixture, prediction_policy
 from persim_bench.data.dataset import DatasetError, Transitions, dataset_dir, read_dataset
-from persim_bench.data.generate import dataset_plan
-from persim_bench.data.policies import load_policy, prediction_policy_path
+from persim_bench.data.policies import load_policy
 from persim_bench.envs import get_env
 from persim_bench.envs.base import EnvFamily
 from persim_bench.planning import MPCPlanner, model_device
 
 if TYPE_CHECKING:
-    from persim_bench.config import Grid
     from persim_bench.specs import EvaluationSpec, PlannerSpec
 
 # (obs [E, D], agent [E]) -> actions [E] or [E, A]: an MPC planner or a model-free policy. One that keeps
@@ -171,14 +169,14 @@ def test_covariates(family: EnvFamily) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def timed(ctx: TrialContext, phase: str):
-    """Add this block's wall time to the trial's ``seconds_<phase>`` (logged to MLflow with its metrics)."""
+def timed(costs: dict, phase: str):
+    """Add this block's wall time to ``costs["seconds_<phase>"]`` (a trial logs its costs with its metrics)."""
     started = time.perf_counter()
     try:
         yield
     finally:
         key = f"seconds_{phase}"
-        ctx.costs[key] = ctx.costs.get(key, 0.0) + time.perf_counter() - started
+        costs[key] = costs.get(key, 0.0) + time.perf_counter() - started
 
 
 class WithinBox:
@@ -248,28 +246,30 @@ def macs_per_row(model: DynamicsModel, family: EnvFamily, rows: int = 64) -> flo
     return counter.get_total_flops() / 2 / (members * rows)
 
 
-def record_model_cost(model: CountingModel, family: EnvFamily, ctx: TrialContext) -> None:
-    """Rows the model evaluated and the multiply-adds/s it achieved over the prediction and reward phases."""
-    seconds = ctx.costs.get("seconds_prediction", 0.0) + ctx.costs.get("seconds_reward", 0.0)
+def model_cost(model: CountingModel, family: EnvFamily, costs: dict) -> dict:
+    """Rows the model evaluated and the multiply-adds/s it achieved over the prediction and reward ``costs``."""
+    seconds = costs.get("seconds_prediction", 0.0) + costs.get("seconds_reward", 0.0)
     macs = macs_per_row(model.model, family)
-    ctx.costs.update(model_rows=model.rows, model_macs_per_row=macs)
+    figures = {"model_rows": model.rows, "model_macs_per_row": macs}
     if macs and seconds:
-        ctx.costs["model_macs_per_second"] = model.rows * macs / seconds
+        figures["model_macs_per_second"] = model.rows * macs / seconds
+    return figures
 
 
 def save_model(model, ctx: TrialContext) -> Path:
-    """The trained model into the trial's folder (``model/model.pt``); the trial's MLflow run logs it as a model."""
+    """The trained model into the trial's folder (``model/model.pt``); list it in ``TrialOutput.models``."""
     path = ctx.work_dir / "model" / "model.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     model.save(path)
-    ctx.models.append(path)
     return path
 
 
-def load_trial_data(trial: Trial, ctx: TrialContext) -> Transitions:
+def load_trial_data(trial: Trial, ctx: TrialContext, costs: dict) -> Transitions:
     """The trial's dataset, through the one reader, checked to start with the paper's test agents."""
-    with timed(ctx, "load"):
-        data = read_dataset(ctx.data_root, dataset_plan(ctx.grid, trial.env, trial.regime, ctx.policy_root))
+    if ctx.dataset is None or ctx.data_root is None:
+        raise ValueError(f"{trial.name or trial.algo}: this trial was given no dataset")
+    with timed(costs, "load"):
+        data = read_dataset(ctx.data_root, ctx.dataset)
     family = get_env(trial.env)
     if not np.allclose(data.covariates[: len(family.test_agents)], family.test_agents):
         raise DatasetError(f"{dataset_dir(ctx.data_root, trial.env, trial.regime)}: the dataset's agents 0-4 are "
@@ -277,51 +277,55 @@ def load_trial_data(trial: Trial, ctx: TrialContext) -> Transitions:
     return data
 
 
-def test_actions_policy(grid: "Grid", family: EnvFamily, policy_root: Path, seed: int):
+def test_actions_policy(ctx: TrialContext, family: EnvFamily, seed: int):
     """(policy, name) driving the prediction test: the trained test policy (paper) or the heuristic."""
-    if grid.evaluation.prediction_policy == "heuristic":
+    if ctx.evaluation.prediction_policy == "heuristic":
         return prediction_policy(family, seed), PREDICTION_POLICY_NAME
-    path = prediction_policy_path(policy_root, grid, family.name)
+    if ctx.test_policy is None:
+        raise ValueError(f"evaluation.prediction_policy {ctx.evaluation.prediction_policy!r}: no test policy file given")
+    path = ctx.test_policy
     net, header = load_policy(path, expect={"env": family.name, "role": "test"})
     # The authors act with their DQN test policies at epsilon 0.01; TD3's actor acts as is.
     policy = EpsilonMixture(net, family, 0.01) if family.discrete else net
     return policy, f"{header['algorithm']}-test:{path.name}"
 
 
-def evaluate_model(model: DynamicsModel, trial: Trial, ctx: TrialContext, planner: "PlannerSpec | None" = None) -> dict:
+def evaluate_model(model: DynamicsModel, trial: Trial, ctx: TrialContext,
+                   planner: "PlannerSpec | None" = None) -> TrialOutput:
     """Prediction error and MPC reward of a learned dynamics model on the test agents (as ``as_simulator`` gives it)."""
-    grid, family = ctx.grid, get_env(trial.env)
-    spec = grid.evaluation
+    family, spec, costs = get_env(trial.env), ctx.evaluation, {}
     counted = CountingModel(as_simulator(model, family, spec))
-    with timed(ctx, "prediction"):
-        policy, policy_name = test_actions_policy(grid, family, ctx.policy_root, trial.seed)
+    with timed(costs, "prediction"):
+        policy, policy_name = test_actions_policy(ctx, family, trial.seed)
         metrics = prediction_error(counted, family, test_covariates(family), spec.test_agents, policy,
                                    spec.prediction_trajectories, spec.prediction_steps, spec.burn_in, trial.seed)
-    metrics["prediction_policy"] = policy_name
-    if spec.rewards:
-        metrics.update(plan_and_score(counted, trial, ctx, planner))
-    else:  # prediction only (``evaluation.rewards: false``)
-        record_model_cost(counted, family, ctx)
-    return metrics
+    output = TrialOutput({**metrics, "prediction_policy": policy_name}, costs)
+    if spec.rewards:  # else prediction only (``evaluation.rewards: false``)
+        output = output | _planned_rewards(counted, trial, ctx, planner)
+    return output | TrialOutput(costs=model_cost(counted, family, output.costs))
 
 
-def plan_and_score(model: DynamicsModel, trial: Trial, ctx: TrialContext, planner: "PlannerSpec | None" = None) -> dict:
-    """Reward of the shared MPC planner (grid's settings unless ``planner`` overrides them) on ``model``."""
-    family = get_env(trial.env)
-    counted = model if isinstance(model, CountingModel) else CountingModel(model)
-    act = MPCPlanner(family, counted, planner or ctx.grid.planner, trial.seed).act
-    metrics = score_policy(act, trial, ctx, ctx.grid.evaluation.reward_episodes)
-    record_model_cost(counted, family, ctx)
-    return metrics
+def plan_and_score(model: DynamicsModel, trial: Trial, ctx: TrialContext,
+                   planner: "PlannerSpec | None" = None) -> TrialOutput:
+    """Reward of the shared MPC planner (the grid's settings unless ``planner`` overrides them) on ``model``."""
+    counted = CountingModel(model)
+    output = _planned_rewards(counted, trial, ctx, planner)
+    return output | TrialOutput(costs=model_cost(counted, get_env(trial.env), output.costs))
 
 
-def score_policy(act: ActFn, trial: Trial, ctx: TrialContext, episodes: int) -> dict:
+def _planned_rewards(model: CountingModel, trial: Trial, ctx: TrialContext, planner: "PlannerSpec | None") -> TrialOutput:
+    act = MPCPlanner(get_env(trial.env), model, planner or ctx.planner, trial.seed).act
+    return score_policy(act, trial, ctx, ctx.evaluation.reward_episodes)
+
+
+def score_policy(act: ActFn, trial: Trial, ctx: TrialContext, episodes: int) -> TrialOutput:
     """Reward of any policy (planner or model-free) on the test agents, reporting progress."""
-    spec, family = ctx.grid.evaluation, get_env(trial.env)
+    spec, family, costs = ctx.evaluation, get_env(trial.env), {}
     steps = spec.episode_steps(family.name)
     progress = max(1, steps // 10)
-    with timed(ctx, "reward"):
-        return episode_rewards(
+    with timed(costs, "reward"):
+        metrics = episode_rewards(
             act, family, test_covariates(family), spec.test_agents, episodes, steps, trial.seed,
             on_step=lambda t: ctx.report({"stage": "reward", "episode_step": t + 1}) if (t + 1) % progress == 0 else None,
         )
+    return TrialOutput(metrics, costs)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from persim_bench.algos.base import ContextualModel, DynamicsModel
+from persim_bench.contracts import ContextualModel, DynamicsModel
 from persim_bench.specs import PlannerSpec, per_env
 from persim_bench.envs.base import EnvFamily
 

@@ -14,7 +14,8 @@ from persim_bench.data.policies import policy_jobs
 from persim_bench.algos.persim import persim_fit_seconds
 from persim_bench.costmodel import measure_rate
 from persim_bench.orchestration.estimate import StageEstimate, check_cost, check_memory, estimate, format_estimate
-from persim_bench.orchestration.trials import main_trials, rank_cv_trials
+from persim_bench.algos.persim import rank_cv_trials
+from persim_bench.orchestration.trials import main_trials
 
 RATE = 30e9  # a fixed rate keeps every number deterministic
 

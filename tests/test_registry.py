@@ -6,15 +6,15 @@ import math
 
 import pytest
 
-from persim_bench.algos.base import Algorithm, TrialContext
 from persim_bench.algos.d3rlpy_common import OfflinePolicySpec
 from persim_bench.algos.registry import ALGORITHMS, spec_sections
 from persim_bench.config import Grid, load_grid
+from persim_bench.contracts import Algorithm, Trial
 from persim_bench.data.generate import dataset_plans, write_manifest, write_shard
 from persim_bench.envs import get_env
 from persim_bench.errors import GridError
 from persim_bench.orchestration.estimate import estimate
-from persim_bench.orchestration.trials import main_trials, named
+from persim_bench.orchestration.trials import algorithm_spec, main_trials, trial_context
 from persim_bench.orchestration.tracking import trial_params
 from persim_bench.orchestration.tables import method_label
 
@@ -63,13 +63,17 @@ def test_every_algorithm_fits_and_scores_every_test_agent_and_repeats_itself(nam
     (trial,) = main_trials(grid)
     runs = []
     for attempt in range(2):
-        ctx = TrialContext(grid, tmp_path / "data", tmp_path / "policies", tmp_path / f"work{attempt}")
-        runs.append(algo.run(trial, ctx))
-    first, again = runs
-    assert ctx.costs["seconds_reward"] > 0 and ("seconds_load" in ctx.costs) == algo.needs_data
+        ctx = trial_context(grid, trial, tmp_path / "data", tmp_path / "policies", tmp_path / f"work{attempt}")
+        runs.append(algo.run(trial, algorithm_spec(grid, trial), ctx))
+    first, again = (output.metrics for output in runs)
+    costs = runs[-1].costs
+    assert costs["seconds_reward"] > 0 and ("seconds_load" in costs) == algo.needs_data
     if algo.plans:  # the planner's model rows are counted, and learned nets' multiply-adds measured
-        assert ctx.costs["model_rows"] > 0
-        assert (ctx.costs.get("model_macs_per_second", 0) > 0) == algo.learns_dynamics
+        assert costs["model_rows"] > 0
+        assert (costs.get("model_macs_per_second", 0) > 0) == algo.learns_dynamics
+    if algo.reload:  # what it saved reloads and evaluates to the same numbers
+        (saved,) = runs[-1].models
+        again = algo.evaluate(algo.reload(saved, "cpu"), trial, algorithm_spec(grid, trial), ctx).metrics
     for a in TEST_AGENTS:
         assert math.isfinite(first[f"reward_agent{a}"])
         if algo.learns_dynamics:
@@ -111,7 +115,7 @@ def test_an_algorithm_without_a_cost_is_refused_by_the_dry_run_not_costed_as_ano
 
 
 def test_a_trial_record_survives_the_tune_boundary():
-    trial = named(stage="main", algo="persim", env="cartpole", regime="pure", seed=3, rank=5, rank_source="cv")
+    trial = Trial.named(stage="main", algo="persim", env="cartpole", regime="pure", seed=3, rank=5, rank_source="cv")
     assert trial.name == "persim-cartpole-pure-r5-s3"
     assert type(trial).from_dict(trial.as_dict()) == trial
     with pytest.raises(dataclasses_error()):
@@ -131,8 +135,8 @@ def test_a_prediction_only_grid_skips_the_reward_phase(name, tmp_path):
     grid = base.model_copy(update={"evaluation": base.evaluation.model_copy(update={"rewards": False})})
     write_tiny_dataset(grid, tmp_path / "data")
     (trial,) = main_trials(grid)
-    ctx = TrialContext(grid, tmp_path / "data", tmp_path / "policies", tmp_path / "work")
-    metrics = ALGORITHMS[name].run(trial, ctx)
-    assert all(math.isfinite(metrics[f"rmse_agent{a}"]) for a in TEST_AGENTS)
-    assert not any(key.startswith("reward_agent") for key in metrics) and "seconds_reward" not in ctx.costs
-    assert ctx.costs["model_rows"] > 0  # the prediction test's rows still counted
+    ctx = trial_context(grid, trial, tmp_path / "data", tmp_path / "policies", tmp_path / "work")
+    output = ALGORITHMS[name].run(trial, algorithm_spec(grid, trial), ctx)
+    assert all(math.isfinite(output.metrics[f"rmse_agent{a}"]) for a in TEST_AGENTS)
+    assert not any(key.startswith("reward_agent") for key in output.metrics) and "seconds_reward" not in output.costs
+    assert output.costs["model_rows"] > 0  # the prediction test's rows still counted

@@ -23,8 +23,8 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from persim_bench.algos.base import Algorithm, Trial, TrialContext
 from persim_bench.algos.nets import STEP_CHUNK, EnsembleMLP, SavedModel, in_row_chunks, register_data_box, set_data_box
+from persim_bench.contracts import Algorithm, Trial, TrialContext, TrialOutput
 from persim_bench.costmodel import (CADM_STEP_SECONDS, LAYER_SECONDS, STEP_SECONDS, TRAIN, Dynamics, mlp_seconds,
                                     evaluation_seconds)
 from persim_bench.data.dataset import Transitions
@@ -356,20 +356,20 @@ def _weight_penalty(model: CadmModel, spec: CadmSpec) -> torch.Tensor:
 # ---------------------------------------------------------------- trials
 
 
-def run_cadm(trial: Trial, ctx: TrialContext) -> dict:
+def run_cadm(trial: Trial, spec: CadmSpec, ctx: TrialContext) -> TrialOutput:
     """Vanilla or PE-TS CaDM: fit offline, then the shared evaluation with CaDM's particle aggregation."""
-    grid = ctx.grid
-    data = load_trial_data(trial, ctx)
+    costs: dict = {}
+    data = load_trial_data(trial, ctx, costs)
     model, fit_metrics = fit_cadm(
-        data, grid.cadm, trial.seed, probabilistic=trial.algo == "cadm_pets", device=ctx.device,
+        data, spec, trial.seed, probabilistic=trial.algo == "cadm_pets", device=ctx.device,
         on_iteration=lambda i, m: ctx.report({"stage": "fit", "iteration": i + 1, **m}))
-    save_model(model, ctx)
-    return {**fit_metrics, **evaluate_cadm(model, trial, ctx)}
+    fitted = TrialOutput(fit_metrics, costs, models=[save_model(model, ctx)])
+    return fitted | evaluate_cadm(model, trial, spec, ctx)
 
 
-def evaluate_cadm(model: CadmModel, trial: Trial, ctx: TrialContext) -> dict:
+def evaluate_cadm(model: CadmModel, trial: Trial, spec: CadmSpec, ctx: TrialContext) -> TrialOutput:
     """The shared evaluation, planned with CaDM's particle aggregation."""
-    return evaluate_model(model, trial, ctx, ctx.grid.planner.model_copy(update={"aggregate": ctx.grid.cadm.aggregate}))
+    return evaluate_model(model, trial, ctx, ctx.planner.model_copy(update={"aggregate": spec.aggregate}))
 
 
 # ---------------------------------------------------------------- cost (--dry-run)

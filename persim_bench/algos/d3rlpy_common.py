@@ -24,7 +24,7 @@ import numpy as np
 import structlog
 from pydantic import model_validator
 
-from persim_bench.algos.base import Algorithm, Trial, TrialContext
+from persim_bench.contracts import Algorithm, Trial, TrialContext, TrialOutput
 from persim_bench.costmodel import ACT_SECONDS, STEP_SECONDS, env_step_seconds, mlp_seconds
 from persim_bench.data.dataset import Transitions
 from persim_bench.data.formats import seeded, to_mdp_dataset
@@ -197,14 +197,15 @@ def offline_policy_entries(prefix: str, label: str, spec: type, make: MakeAlgo, 
     Both read the grid section ``prefix``, whose class is ``spec`` (an ``OfflinePolicySpec``).
     """
     def entry(per_agent: bool) -> Algorithm:
-        def run(trial: Trial, ctx: TrialContext) -> dict:
-            grid = ctx.grid
-            agents = grid.evaluation.test_agents if per_agent else None
+        def run(trial: Trial, spec: OfflinePolicySpec, ctx: TrialContext) -> TrialOutput:
+            costs: dict = {}
+            agents = ctx.evaluation.test_agents if per_agent else None
             policy, fit_metrics = fit_policies(
-                load_trial_data(trial, ctx), make, getattr(grid, prefix), trial.seed, ctx.work_dir, trial.algo,
+                load_trial_data(trial, ctx, costs), make, spec, trial.seed, ctx.work_dir, trial.algo,
                 agents, on_epoch=lambda epoch, m: ctx.report({"stage": "fit", "epoch": epoch, **m}),
                 device=ctx.device, before_acting=before_acting)
-            return {**fit_metrics, **score_policy(policy.act, trial, ctx, grid.evaluation.policy_reward_episodes)}
+            return TrialOutput(fit_metrics, costs) | score_policy(policy.act, trial, ctx,
+                                                                 ctx.evaluation.policy_reward_episodes)
 
         def seconds(grid: "Grid", trial: Trial, rows: int, rate: float) -> float:
             policies = len(grid.evaluation.test_agents) if per_agent else 1

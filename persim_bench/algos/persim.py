@@ -23,10 +23,10 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from persim_bench.algos.base import Algorithm, Trial, TrialContext
 from persim_bench.algos.nets import (
     STEP_CHUNK, EnsembleMLP, SavedModel, Workspace, in_row_chunks, register_data_box, set_data_box,
 )
+from persim_bench.contracts import AgentFactors, Algorithm, PreStage, Trial, TrialContext, TrialOutput
 from persim_bench.costmodel import STEP_SECONDS, TRAIN, Dynamics, evaluation_seconds, mlp_seconds
 from persim_bench.data.dataset import Transitions
 from persim_bench.envs import get_env
@@ -274,48 +274,76 @@ def _loss(model: PerSimEnsemble, obs_z, action, agent, target, chunk: int = 1638
 # ---------------------------------------------------------------- trials
 
 
-def run_persim(trial: Trial, ctx: TrialContext) -> dict:
-    """Fit the ensemble at the trial's rank (rank_cv's pick or a pinned one), then the shared evaluation."""
-    data = load_trial_data(trial, ctx)
+def run_persim(trial: Trial, spec: PersimSpec, ctx: TrialContext) -> TrialOutput:
+    """Fit the ensemble at the trial's rank (rank_cv's pick or a pinned one), then the shared evaluation.
+
+    Returns the agent factors too: the paper's Figure 1 (probe R^2 and t-SNE, drawn by ``analysis``).
+    """
+    costs: dict = {}
+    data = load_trial_data(trial, ctx, costs)
     if trial.rank is None:
         raise ValueError(f"{trial.env}/{trial.regime}: rank_cv chose no rank (all its trials failed)")
-    spec = ctx.grid.persim.model_copy(update={"rank": trial.rank})
-    model, fit_metrics = fit_persim(data, spec, trial.seed, device=ctx.device,
+    model, fit_metrics = fit_persim(data, spec.model_copy(update={"rank": trial.rank}), trial.seed, device=ctx.device,
                                     on_epoch=lambda epoch, m: ctx.report({"stage": "fit", "epoch": epoch + 1, **m}))
-    save_model(model, ctx)
-    return {**fit_metrics, **factor_analysis(model, data, trial, ctx), **evaluate_model(model, trial, ctx)}
+    factors = AgentFactors(model.agent_factors(), data.covariates, tuple(get_env(trial.env).covariate_names),
+                           f"PerSim agent factors, {trial.env} / {trial.regime} (rank {trial.rank}, seed {trial.seed})")
+    fitted = TrialOutput(fit_metrics, costs, models=[save_model(model, ctx)], factors=factors)
+    return fitted | evaluate_model(model, trial, ctx)
 
 
-def factor_analysis(model: PerSimEnsemble, data: Transitions, trial: Trial, ctx: TrialContext) -> dict:
-    """The paper's Figure 1 claim as a number and a picture: do the learned agent factors carry the hidden covariates?
-
-    ``probe_r2_<covariate>``: cross-validated R^2 of a linear probe from every agent's factors
-    (all members) to that covariate; ``agent_factors.png``: their t-SNE coloured by each covariate.
-    """
-    from persim_bench.analysis.factors import probe_r2, tsne_figure
-
-    names = get_env(trial.env).covariate_names
-    factors = model.agent_factors()
-    r2 = probe_r2(factors, data.covariates, seed=trial.seed)
-    figure = tsne_figure(factors, data.covariates, names, ctx.work_dir / "agent_factors.png", seed=trial.seed,
-                         title=f"PerSim agent factors, {trial.env} / {trial.regime} (rank {trial.rank}, seed {trial.seed})")
-    ctx.artifacts.extend([figure, figure.with_suffix(".pdf")])  # save_figure writes a PDF beside the PNG
-    return {f"probe_r2_{name}": float(value) for name, value in zip(names, r2)}
+# ---------------------------------------------------------------- the rank_cv stage (paper App. D.1)
 
 
-def cross_validate_rank(trial: Trial, ctx: TrialContext) -> dict:
+def cross_validate_rank(trial: Trial, spec: PersimSpec, ctx: TrialContext) -> TrialOutput:
     """One candidate rank of the paper's cross-validation: PerSim fitted with a share of transitions held out."""
-    data = load_trial_data(trial, ctx)
+    costs: dict = {}
+    data = load_trial_data(trial, ctx, costs)
     curve = []
 
     def on_epoch(epoch: int, metrics: dict) -> None:
         curve.append(metrics["val_loss"])
         ctx.report({"stage": "fit", "epoch": epoch + 1, **metrics})
 
-    spec = ctx.grid.persim.model_copy(update={"rank": trial.rank})
-    _, metrics = fit_persim(data, spec, trial.seed, holdout=ctx.grid.persim.cv_holdout, on_epoch=on_epoch,
-                            device=ctx.device)
-    return {**metrics, "val_loss_curve": curve}
+    _, metrics = fit_persim(data, spec.model_copy(update={"rank": trial.rank}), trial.seed, holdout=spec.cv_holdout,
+                            on_epoch=on_epoch, device=ctx.device)
+    return TrialOutput({**metrics, "val_loss_curve": curve}, costs)
+
+
+def rank_cv_trials(grid: "Grid") -> list[Trial]:
+    """The rank_cv stage: PerSim per env x regime (x seed if cv_per_seed) x rank of the rank grid."""
+    spec = grid.persim
+    if "persim" not in grid.algos or spec.rank != "cv":
+        return []
+    seeds = grid.seeds if spec.cv_per_seed else grid.seeds[:1]
+    return [Trial.named(stage="rank_cv", algo="persim", env=env, regime=regime, seed=seed, rank=rank)
+            for env in grid.envs for regime in grid.regimes for seed in seeds for rank in spec.rank_grid]
+
+
+def smallest_good_rank(losses: dict[int, float], tolerance: float) -> int:
+    """The paper's pick from held-out loss per rank: the smallest rank within (1 + tolerance) x the lowest loss."""
+    return min(rank for rank, loss in losses.items() if loss <= (1 + tolerance) * min(losses.values()))
+
+
+def choose_ranks(results: list[tuple[Trial, dict]], grid: "Grid") -> dict[tuple[str, str, int], int]:
+    """rank_cv's pick per (env, regime, seed) from its finished trials' held-out losses."""
+    losses: dict[tuple[str, str, int], dict[int, float]] = {}
+    for trial, metrics in results:
+        losses.setdefault((trial.env, trial.regime, trial.seed), {})[trial.rank] = metrics["val_loss"]
+    return {key: smallest_good_rank(per_rank, grid.persim.cv_tolerance) for key, per_rank in losses.items()}
+
+
+def persim_main_trials(grid: "Grid", fields: dict, chosen: dict[tuple[str, str, int], int]) -> list[Trial]:
+    """PerSim's main trials of one (env, regime, seed): at the pinned rank or rank_cv's pick (None when it
+    picked none, which the trial reports as its failure), and with ``sweep_ranks`` one per other rank."""
+    spec, env, regime, seed = grid.persim, fields["env"], fields["regime"], fields["seed"]
+    if spec.rank == "cv":
+        rank, source = chosen.get((env, regime, seed if spec.cv_per_seed else grid.seeds[0])), "cv"
+    else:
+        rank, source = per_env(spec.rank, env), "pinned"
+    trials = [Trial.named(**fields, rank=rank, rank_source=source)]
+    if spec.sweep_ranks:
+        trials += [Trial.named(**fields, rank=other, rank_source="sweep") for other in spec.rank_grid if other != rank]
+    return trials
 
 
 # ---------------------------------------------------------------- cost (--dry-run)
@@ -347,5 +375,17 @@ def persim_trial_seconds(grid: "Grid", trial: Trial, rows: int, rate: float) -> 
             + evaluation_seconds(grid, trial.env, model, rate))
 
 
+def evaluate_persim(model: PerSimEnsemble, trial: Trial, spec: PersimSpec, ctx: TrialContext) -> TrialOutput:
+    """``persim-bench evaluate``: a reloaded model through the shared evaluation."""
+    return evaluate_model(model, trial, ctx)
+
+
+def rank_cv_trial_seconds(grid: "Grid", trial: Trial, rows: int, rate: float) -> float:
+    return persim_fit_seconds(grid, trial.env, rows, trial.rank, grid.persim.cv_holdout, rate)
+
+
+RANK_CV = PreStage("rank_cv", rank_cv_trials, cross_validate_rank, rank_cv_trial_seconds, choose_ranks, picks="rank",
+                   dearest=lambda grid: max(grid.persim.rank_grid))
 ALGORITHMS = [Algorithm("persim", "PerSim", run_persim, "persim", PersimSpec, learns_dynamics=True, plans=True,
-                        cost=persim_trial_seconds, reload=PerSimEnsemble.load, evaluate=evaluate_model)]
+                        cost=persim_trial_seconds, reload=PerSimEnsemble.load, evaluate=evaluate_persim,
+                        pre_stage=RANK_CV, main_trials=persim_main_trials)]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from persim_bench.algos.base import Algorithm
+from persim_bench.contracts import Algorithm
 
 
 def _discover() -> dict[str, Algorithm]:

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from persim_bench.algos.base import Algorithm, Trial, TrialContext
+from persim_bench.contracts import Algorithm, Trial, TrialContext, TrialOutput
 from persim_bench.costmodel import Dynamics, mpc_reward_seconds
 from persim_bench.envs import get_env
 from persim_bench.envs.base import EnvFamily
@@ -35,7 +35,7 @@ class TrueEnvModel:
         return self.dynamics(obs[0], action, agent)[None]
 
 
-def run_true_env_mpc(trial: Trial, ctx: TrialContext) -> dict:
+def run_true_env_mpc(trial: Trial, spec: None, ctx: TrialContext) -> TrialOutput:
     """The planner on the test agents' real dynamics: no data, no fit."""
     family = get_env(trial.env)
     return plan_and_score(TrueEnvModel(family, test_covariates(family)), trial, ctx)

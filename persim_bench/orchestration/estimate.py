@@ -12,7 +12,6 @@ import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from persim_bench.algos.persim import persim_fit_seconds
 from persim_bench.algos.registry import ALGORITHMS
 from persim_bench.config import Grid
 from persim_bench.costmodel import dataset_seconds, measure_rate, policy_job_seconds
@@ -21,7 +20,7 @@ from persim_bench.data.policies import policy_jobs
 from persim_bench.envs import get_env
 from persim_bench.errors import GridError
 from persim_bench.specs import per_env
-from persim_bench.orchestration.trials import rank_cv_trials, main_trials
+from persim_bench.orchestration.trials import main_trials, pre_stages
 
 
 # Multiply-adds/s of one trial on a reserved GPU, for --dry-run's GPU-hours (override: --gpu-rate). Not measured
@@ -78,13 +77,18 @@ def estimate(grid: Grid, rate: float | None = None, data_root: Path | None = Non
             return hours * wanted.cpu, hours * wanted.gpu
         return seconds_at(rate) / 3600, 0.0
 
-    cv_trials = rank_cv_trials(grid)
-    cv = [reserved("rank_cv", lambda r, t=t: persim_fit_seconds(grid, t.env, rows[t.env, t.regime], t.rank,
-                                                                grid.persim.cv_holdout, r)) for t in cv_trials]
-    cv_cpu, cv_gpu = sum(c for c, _ in cv), sum(g for _, g in cv)
-    # rank_cv has not picked yet: max(rank_grid) stands in for every pick (the dearest rank), which
-    # also makes sweep_ranks count the len(rank_grid) trials it will run, not one more.
-    picks = {(t.env, t.regime, t.seed): max(grid.persim.rank_grid) for t in cv_trials}
+    before_main, picks = [], {}
+    for pre_stage in pre_stages(grid):  # e.g. rank_cv
+        trials = pre_stage.trials(grid)
+        hours = [reserved(pre_stage.name, lambda r, t=t: pre_stage.cost(grid, t, rows[t.env, t.regime], r))
+                 for t in trials]
+        cpu, gpu = sum(c for c, _ in hours), sum(g for _, g in hours)
+        algo = trials[0].algo if trials else ""
+        before_main.append(StageEstimate(pre_stage.name, len(trials), cpu, {algo: cpu} if trials else {}, gpu,
+                                         {algo: gpu} if gpu else {}))
+        # Nothing is picked yet: the dearest pick stands in for every one (rank_cv: max(rank_grid), which also
+        # makes sweep_ranks count the len(rank_grid) trials it will run, not one more).
+        picks.update({(t.env, t.regime, t.seed): pre_stage.dearest(grid) for t in trials})
     by_algo: dict[str, float] = {}
     by_algo_gpu: dict[str, float] = {}
     main = main_trials(grid, picks)
@@ -98,8 +102,7 @@ def estimate(grid: Grid, rate: float | None = None, data_root: Path | None = Non
     return [
         StageEstimate("policies", len(jobs), sum(policy_job_seconds(job, rate) for job in jobs) / 3600, {}),
         StageEstimate("datasets", shards, data_seconds / 3600, {}),
-        StageEstimate("rank_cv", len(cv_trials), cv_cpu, {"persim": cv_cpu} if cv_trials else {}, cv_gpu,
-                      {"persim": cv_gpu} if cv_gpu else {}),
+        *before_main,
         StageEstimate("main", len(main), sum(by_algo.values()), by_algo, sum(by_algo_gpu.values()), by_algo_gpu),
     ]
 

@@ -13,21 +13,13 @@ from pathlib import Path
 
 import yaml
 
-from persim_bench.algos.base import Trial, TrialContext
 from persim_bench.algos.registry import ALGORITHMS
 from persim_bench.config import Grid
 from persim_bench.data.dataset import data_root, policy_root
 from persim_bench.errors import TrackingError
 from persim_bench.orchestration.provenance import provenance_tags
-from persim_bench.orchestration.tracking import GRID_ARTIFACT
-
-
-def _trial_of(run) -> Trial:
-    tags, params = run.data.tags, run.data.params
-    rank = params.get("rank")
-    return Trial(stage=tags.get("stage", "main"), algo=tags["algo"], env=tags["env"], regime=tags["regime"],
-                 seed=int(tags["seed"]), rank=int(rank) if rank not in (None, "None") else None,
-                 rank_source=params.get("rank_source"), name=tags["trial"])
+from persim_bench.orchestration.tracking import GRID_ARTIFACT, trial_of_run
+from persim_bench.orchestration.trials import algorithm_spec, trial_context
 
 
 def evaluate_run(run_id: str, results: Path, tracking_uri: str, episodes: int | None = None,
@@ -45,7 +37,7 @@ def evaluate_run(run_id: str, results: Path, tracking_uri: str, episodes: int | 
         raise TrackingError(f"no MLflow run {run_id!r} at {tracking_uri}") from None
     if "trial" not in run.data.tags:
         raise TrackingError(f"run {run_id}: not a persim-bench trial run (no 'trial' tag)")
-    trial = _trial_of(run)
+    trial = trial_of_run(run)
     algo = ALGORITHMS.get(trial.algo)
     if algo is None or algo.reload is None or algo.evaluate is None:
         raise TrackingError(f"run {run_id} ({trial.algo}): this algorithm saves no model that `evaluate` can reload")
@@ -65,9 +57,9 @@ def evaluate_run(run_id: str, results: Path, tracking_uri: str, episodes: int | 
         model_dir = mlflow.artifacts.download_artifacts(artifact_uri=saved.artifact_location,
                                                         dst_path=str(scratch / "model"), tracking_uri=tracking_uri)
         model = algo.reload(Path(model_dir) / "model.pt", "cpu")
-        ctx = TrialContext(grid, data_root(results, grid.name), policy_root(results), scratch / "work")
+        ctx = trial_context(grid, trial, data_root(results, grid.name), policy_root(results), scratch / "work")
         started = time.perf_counter()
-        metrics = algo.evaluate(model, trial, ctx)
+        output = algo.evaluate(model, trial, algorithm_spec(grid, trial), ctx)
     new = client.create_run(run.info.experiment_id, run_name=f"{trial.name}-evaluate",
                             tags={"persim_bench.evaluates": run_id, "evaluated_trial": trial.name,
                                   "algo": trial.algo, "env": trial.env, "regime": trial.regime,
@@ -75,7 +67,7 @@ def evaluate_run(run_id: str, results: Path, tracking_uri: str, episodes: int | 
     for key, value in overrides.items():
         client.log_param(new.info.run_id, f"evaluation.{key}", str(value))
     now = int(time.time() * 1000)
-    numbers = {k: float(v) for k, v in {**metrics, **ctx.costs}.items() if isinstance(v, (int, float))}
+    numbers = {k: float(v) for k, v in {**output.metrics, **output.costs}.items() if isinstance(v, (int, float))}
     numbers["seconds_total"] = time.perf_counter() - started
     client.log_batch(new.info.run_id, metrics=[Metric(k, v, now, 0) for k, v in numbers.items()])
     client.set_terminated(new.info.run_id, "FINISHED")

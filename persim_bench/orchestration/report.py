@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from persim_bench.algos.base import Trial, TrialContext
+from persim_bench.contracts import Trial, TrialContext
 from persim_bench.config import Grid
 from persim_bench.data.behaviour import RandomPolicy
 from persim_bench.data.dataset import policy_root
@@ -49,10 +49,10 @@ def random_scores(grid: Grid) -> dict[tuple[str, int], float]:
     for env in grid.envs:
         family = get_env(env)
         trial = Trial(stage="report", algo="random", env=env, regime="none", seed=grid.seed)
-        ctx = TrialContext(grid, Path(), Path(), Path())
+        ctx = TrialContext(grid.evaluation, grid.planner, Path())
         policy = RandomPolicy(family)
         rng = np.random.default_rng(grid.seed)
-        metrics = score_policy(lambda obs, agent: policy.act(obs, rng), trial, ctx, RANDOM_EPISODES)
+        metrics = score_policy(lambda obs, agent: policy.act(obs, rng), trial, ctx, RANDOM_EPISODES).metrics
         scores.update({(env, a): metrics[f"reward_agent{a}"] for a in grid.evaluation.test_agents})
     return scores
 

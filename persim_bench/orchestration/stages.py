@@ -12,8 +12,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from persim_bench.algos.base import Trial
 from persim_bench.config import Grid
+from persim_bench.contracts import PreStage, Trial
 from persim_bench.data.dataset import data_root as data_root_of, policy_root as policy_root_of
 from persim_bench.orchestration import tracking
 from persim_bench.errors import Interrupted
@@ -21,8 +21,7 @@ from persim_bench.orchestration.cluster import check_shared_storage, connect_ray
 from persim_bench.orchestration.guard import (
     RunLock, check_tracking_store, inside, read_state_file, state_recorder, verify_tune_state,
 )
-from persim_bench.orchestration.rank_cv import choose_ranks
-from persim_bench.orchestration.trials import RunContext, main_trials, rank_cv_trials, resources_key, run_trial
+from persim_bench.orchestration.trials import RunContext, main_trials, pre_stages, resources_key, run_trial
 
 
 @dataclass(frozen=True)
@@ -117,6 +116,23 @@ def stage_name(grid: Grid, stage: str, parent_run_id: str) -> str:
     return f"{grid.name}-{stage.replace('_', '-')}-{parent_run_id[:8]}"
 
 
+def choose(grid: Grid, pre_stage: PreStage, client, experiment_id: str, parent_run_id: str) -> dict:
+    """A pre-stage's picks from its finished trials of this invocation, logged on the parent run as params
+    ``<picks>.<env>.<regime>.s<seed>`` (e.g. ``rank.cartpole.random.s0``)."""
+    from mlflow.entities import Param
+
+    runs = client.search_runs([experiment_id], max_results=50000,
+                              filter_string=f"tags.stage = '{pre_stage.name}' and "
+                                            f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    finished = [(tracking.trial_of_run(run), dict(run.data.metrics)) for run in runs if run.info.status == "FINISHED"]
+    picks = pre_stage.choose(finished, grid)
+    params = [Param(f"{pre_stage.picks}.{env}.{regime}.s{seed}", str(value))
+              for (env, regime, seed), value in picks.items()]
+    existing = client.get_run(parent_run_id).data.params
+    client.log_batch(parent_run_id, params=[p for p in params if p.key not in existing])
+    return picks
+
+
 def run_grid(grid: Grid, results: Path, *, source: str, address: str = "local", storage: str | None = None,
              mlflow_uri: str | None = None, resume: bool = False) -> GridOutcome:
     """datasets -> rank_cv -> main (Tune) -> tables, under one MLflow parent run (continued by ``resume``).
@@ -155,15 +171,18 @@ def _run_stages(grid: Grid, results: Path, source: str, tracking_uri: str, stora
     context = RunContext(grid.model_dump(), str(data_root), str(policy_root), tracking_uri, experiment_id,
                          parent_run_id, session=uuid.uuid4().hex)
     print(f"[main] MLflow {tracking_uri} (parent run {parent_run_id}); Tune storage {storage}")
-    failed, chosen = [], None
-    cv_trials = rank_cv_trials(grid)
+    failed, chosen, ran = [], {}, 0
     try:
-        if cv_trials:
-            print(f"[rank_cv] {len(cv_trials)} trials: ranks {grid.persim.rank_grid}, "
-                  f"{grid.persim.cv_holdout:.0%} of transitions held out")
-            failed += run_stage(grid, cv_trials, context, storage, stage_name(grid, "rank_cv", parent_run_id), results)
-            chosen = choose_ranks(grid, tracking_uri, experiment_id, parent_run_id)
-            print("[rank_cv] chosen: " + ", ".join(f"{e}/{r}/s{s}: {k}" for (e, r, s), k in sorted(chosen.items())))
+        for pre_stage in pre_stages(grid):  # e.g. PerSim's rank_cv, whose picks set the main trials' ranks
+            if trials := pre_stage.trials(grid):
+                print(f"[{pre_stage.name}] {len(trials)} trials")
+                failed += run_stage(grid, trials, context, storage, stage_name(grid, pre_stage.name, parent_run_id),
+                                    results)
+                picks = choose(grid, pre_stage, client, experiment_id, parent_run_id)
+                print(f"[{pre_stage.name}] chosen {pre_stage.picks}: "
+                      + ", ".join(f"{e}/{r}/s{s}: {k}" for (e, r, s), k in sorted(picks.items())))
+                chosen.update(picks)
+                ran += len(trials)
         trials = main_trials(grid, chosen)
         failed += run_stage(grid, trials, context, storage, stage_name(grid, "main", parent_run_id), results)
     except (Interrupted, KeyboardInterrupt) as err:
@@ -174,4 +193,4 @@ def _run_stages(grid: Grid, results: Path, source: str, tracking_uri: str, stora
     out = write_tables(grid, tracking_uri, results, data_root)
     write_report(grid, tracking_uri, results, data_root)
     client.set_terminated(parent_run_id, "FAILED" if failed else "FINISHED")
-    return GridOutcome(len(cv_trials) + len(trials), failed, out, tracking_uri)
+    return GridOutcome(ran + len(trials), failed, out, tracking_uri)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from persim_bench.algos.base import Trial
+from persim_bench.contracts import Trial
 from persim_bench.analysis.tabular import save_figure, to_markdown, write_table
 from persim_bench.algos.registry import ALGORITHMS
 from persim_bench.config import Grid

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from persim_bench.algos.base import Trial
+from persim_bench.contracts import Trial
 from persim_bench.algos.registry import ALGORITHMS
 from persim_bench.config import Grid
 from persim_bench.data.dataset import write_json
@@ -55,6 +55,15 @@ def trial_params(grid: dict, trial: Trial) -> dict:
     own = {k: v for k, v in trial.as_dict().items() if k != "name" and v is not None}
     params = flatten("", {**own, **sections}, {})
     return {k: str(v)[:500] for k, v in params.items()}
+
+
+def trial_of_run(run) -> Trial:
+    """The Trial an MLflow trial run recorded (its tags and params)."""
+    tags, params = run.data.tags, run.data.params
+    rank = params.get("rank")
+    return Trial(stage=tags.get("stage", "main"), algo=tags["algo"], env=tags["env"], regime=tags["regime"],
+                 seed=int(tags["seed"]), rank=int(rank) if rank not in (None, "None") else None,
+                 rank_source=params.get("rank_source"), name=tags["trial"])
 
 
 def find_trial_run(client, experiment_id: str, parent_run_id: str, name: str):

@@ -1,8 +1,10 @@
 """The trials of a grid and the Tune trainable that runs one, recorded in exactly one MLflow run.
 
-``rank_cv_trials`` and ``main_trials`` expand a grid into typed ``Trial`` records with
-deterministic names; ``run_trial`` is what every Tune trial executes: it looks the algorithm up
-in the registry, runs it, and logs params, metrics and failures to MLflow.
+``pre_stages``/``main_trials`` expand a grid into typed ``Trial`` records with deterministic
+names (an algorithm's registry entry declares a stage of its own before main, e.g. PerSim's
+rank_cv, and how main uses its picks); ``run_trial`` is what every Tune trial executes: it looks
+the algorithm up in the registry, gives it its spec and context, and logs what it returns
+(params, metrics, artifacts, its model, failures) to MLflow.
 """
 from __future__ import annotations
 
@@ -12,54 +14,35 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from persim_bench.algos.base import Trial, TrialContext
 from persim_bench.algos.registry import ALGORITHMS
 from persim_bench.config import Grid
+from persim_bench.contracts import AgentFactors, PreStage, Trial, TrialContext, TrialOutput
+from persim_bench.data.generate import dataset_plan
+from persim_bench.data.policies import prediction_policy_path
 from persim_bench.envs import get_env
 from persim_bench.orchestration.provenance import dataset_input, log_dataset_input, log_trained_model, provenance_tags
 from persim_bench.orchestration.tracking import find_trial_run, trial_params
-from persim_bench.specs import per_env
 
-RANK_CV = "rank_cv"
 MLFLOW_BATCH = 1000  # MLflow refuses more metrics per log_batch call
 
 
-def trial_name(trial: Trial) -> str:
-    """persim-cartpole-random-r5-s0, bcq-p-mountaincar-pure-s1, true-env-mpc-cartpole-s0, rank-cv-...-r3-s0."""
-    if trial.stage == RANK_CV:
-        return f"rank-cv-{trial.env}-{trial.regime}-r{trial.rank}-s{trial.seed}"
-    parts = [trial.algo.replace("_", "-"), trial.env] + ([trial.regime] if trial.regime != "none" else [])
-    if trial.rank_source is not None:
-        parts.append(f"r{trial.rank if trial.rank is not None else 'cv'}")
-    return "-".join(parts + [f"s{trial.seed}"])
+def pre_stages(grid: Grid) -> list[PreStage]:
+    """The stages the grid's algorithms declare before main (PerSim's rank_cv), in the grid's algorithm order."""
+    return [ALGORITHMS[name].pre_stage for name in grid.algos if ALGORITHMS[name].pre_stage is not None]
 
 
-def named(**fields) -> Trial:
-    trial = Trial(**fields)
-    return Trial(**{**trial.as_dict(), "name": trial_name(trial)})
+def pre_stage_of(trial: Trial) -> PreStage | None:
+    """The stage before main a trial belongs to; None for a main trial."""
+    algo = ALGORITHMS[trial.algo]
+    return algo.pre_stage if trial.stage != "main" and algo.pre_stage and algo.pre_stage.name == trial.stage else None
 
 
-def rank_cv_trials(grid: Grid) -> list[Trial]:
-    """The rank_cv stage: PerSim per env x regime (x seed if cv_per_seed) x rank of the rank grid."""
-    if "persim" not in grid.algos or grid.persim.rank != "cv":
-        return []
-    seeds = grid.seeds if grid.persim.cv_per_seed else grid.seeds[:1]
-    return [named(stage=RANK_CV, algo="persim", env=env, regime=regime, seed=seed, rank=rank)
-            for env in grid.envs for regime in grid.regimes for seed in seeds for rank in grid.persim.rank_grid]
-
-
-def cv_key(grid: Grid, env: str, regime: str, seed: int) -> tuple[str, str, int]:
-    """Which rank_cv result decides a main trial's rank: its own seed's, or the first seed's."""
-    return env, regime, seed if grid.persim.cv_per_seed else grid.seeds[0]
-
-
-def main_trials(grid: Grid, chosen_ranks: dict[tuple[str, str, int], int] | None = None) -> list[Trial]:
-    """The main stage: one trial per (algo, env, regime, seed[, rank]) the algorithm supports.
+def main_trials(grid: Grid, chosen: dict[tuple[str, str, int], object] | None = None) -> list[Trial]:
+    """The main stage: one trial per (algo, env, regime, seed) the algorithm supports, or the several its
+    registry entry's ``main_trials`` makes (PerSim: rank pinned or picked by rank_cv, ``sweep_ranks``).
 
     Data-free algorithms skip the regime; an algorithm is skipped on envs whose action space it
-    does not handle (IQL and TD3+BC on the discrete envs). PerSim's rank is pinned by the grid or
-    comes from ``chosen_ranks`` (rank_cv's picks; a missing pick leaves rank None, which the trial
-    reports as its failure); ``sweep_ranks`` adds a trial for every other rank of the rank grid.
+    does not handle (IQL and TD3+BC on the discrete envs). ``chosen``: the pre-stages' picks.
     """
     trials = []
     for name in grid.algos:
@@ -69,24 +52,31 @@ def main_trials(grid: Grid, chosen_ranks: dict[tuple[str, str, int], int] | None
                 continue
             for regime in grid.regimes if algo.needs_data else ["none"]:
                 for seed in grid.seeds:
-                    base = dict(stage="main", algo=name, env=env, regime=regime, seed=seed)
-                    if name != "persim":
-                        trials.append(named(**base))
-                        continue
-                    if grid.persim.rank == "cv":
-                        rank, source = (chosen_ranks or {}).get(cv_key(grid, env, regime, seed)), "cv"
-                    else:
-                        rank, source = per_env(grid.persim.rank, env), "pinned"
-                    trials.append(named(**base, rank=rank, rank_source=source))
-                    if grid.persim.sweep_ranks:
-                        trials += [named(**base, rank=other, rank_source="sweep")
-                                   for other in grid.persim.rank_grid if other != rank]
+                    fields = dict(stage="main", algo=name, env=env, regime=regime, seed=seed)
+                    trials += (algo.main_trials(grid, fields, chosen or {}) if algo.main_trials
+                               else [Trial.named(**fields)])
     return trials
 
 
 def resources_key(trial: Trial) -> str:
-    """The ``resources:`` entry a trial reserves: its algorithm's, or rank_cv's."""
-    return RANK_CV if trial.stage == RANK_CV else trial.algo
+    """The ``resources:`` entry a trial reserves: its algorithm's, or its pre-stage's (e.g. rank_cv)."""
+    return trial.stage if trial.stage != "main" else trial.algo
+
+
+def trial_context(grid: Grid, trial: Trial, data_root: Path, policy_root: Path, work_dir: Path, device: str = "cpu",
+                  report=lambda metrics: None) -> TrialContext:
+    """The context of a trial: the grid's shared sections, its dataset's plan, the test policy's file."""
+    algo = ALGORITHMS[trial.algo]
+    dataset = dataset_plan(grid, trial.env, trial.regime, policy_root) if algo.needs_data else None
+    tests_predictions = algo.learns_dynamics and grid.evaluation.prediction_policy != "heuristic"
+    test_policy = prediction_policy_path(policy_root, grid, trial.env) if tests_predictions else None
+    return TrialContext(grid.evaluation, grid.planner, work_dir, data_root, dataset, test_policy, device, report)
+
+
+def algorithm_spec(grid: Grid, trial: Trial):
+    """The grid section the trial's algorithm reads (None for one that reads none)."""
+    key = ALGORITHMS[trial.algo].spec_key
+    return getattr(grid, key) if key else None
 
 
 def trial_device(grid: Grid, trial: Trial) -> str:
@@ -115,6 +105,21 @@ class RunContext:
     session: str = ""  # one id per driver process: a trial's error is not retried within it, only on --resume
 
 
+def factor_analysis(factors: AgentFactors, seed: int, out: Path) -> TrialOutput:
+    """The paper's Figure 1 claim as a number and a picture: do the learned agent factors carry the hidden covariates?
+
+    ``probe_r2_<covariate>``: cross-validated R^2 of a linear probe from every agent's factors
+    (all members) to that covariate; ``agent_factors.png`` (and .pdf): their t-SNE coloured by each covariate.
+    """
+    from persim_bench.analysis.factors import probe_r2, tsne_figure
+
+    r2 = probe_r2(factors.factors, factors.covariates, seed=seed)
+    figure = tsne_figure(factors.factors, factors.covariates, list(factors.covariate_names), out / "agent_factors.png",
+                         seed=seed, title=factors.title)
+    return TrialOutput({f"probe_r2_{name}": float(value) for name, value in zip(factors.covariate_names, r2)},
+                       artifacts=[figure, figure.with_suffix(".pdf")])
+
+
 class TrialError(RuntimeError):
     """A trial's own code failed (recorded in MLflow): Tune shows the trial as ERROR, with this message."""
 
@@ -132,8 +137,6 @@ def run_trial(config: dict, context: RunContext) -> None:
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
     from ray import tune
-
-    from persim_bench.algos.persim import cross_validate_rank
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     trial = Trial.from_dict(config["trial"])
@@ -164,12 +167,14 @@ def run_trial(config: dict, context: RunContext) -> None:
         for key, value in where.items():
             client.set_tag(run_id, key, value)
         client.update_run(run_id, status="RUNNING")
-    ctx = TrialContext(grid, Path(context.data_root), Path(context.policy_root),
-                       Path(tune.get_context().get_trial_dir()), device, tune.report)
-    run = cross_validate_rank if trial.stage == RANK_CV else ALGORITHMS[trial.algo].run
+    algo, pre_stage = ALGORITHMS[trial.algo], pre_stage_of(trial)
+    ctx = trial_context(grid, trial, Path(context.data_root), Path(context.policy_root),
+                        Path(tune.get_context().get_trial_dir()), device, tune.report)
     started = time.perf_counter()
     try:
-        metrics = run(trial, ctx)
+        output = (pre_stage.run if pre_stage else algo.run)(trial, algorithm_spec(grid, trial), ctx)
+        if output.factors is not None:
+            output = output | factor_analysis(output.factors, trial.seed, ctx.work_dir)
     except Exception as err:
         error = f"{type(err).__name__}: {err}"
         client.set_tag(run_id, "error", error[:5000])
@@ -177,7 +182,7 @@ def run_trial(config: dict, context: RunContext) -> None:
         client.log_text(run_id, traceback.format_exc(), "error.txt")
         client.set_terminated(run_id, "FAILED")
         raise TrialError(error) from None  # Tune records the trial as ERROR (ResultGrid.errors)
-    metrics = {**metrics, **cost_metrics(ctx.costs, time.perf_counter() - started)}
+    metrics = {**output.metrics, **cost_metrics(output.costs, time.perf_counter() - started)}
     now = int(time.time() * 1000)
     numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     history = [Metric(k, float(v), now, step) for k, values in metrics.items() if isinstance(values, list)
@@ -188,9 +193,9 @@ def run_trial(config: dict, context: RunContext) -> None:
     for key, value in metrics.items():
         if isinstance(value, str):
             client.set_tag(run_id, key, value)
-    for path in ctx.artifacts:
+    for path in output.artifacts:
         client.log_artifact(run_id, str(path))
-    if ctx.models:
-        log_trained_model(client, context.experiment_id, run_id, trial.name, trial.algo, ctx.models)
+    if output.models:
+        log_trained_model(client, context.experiment_id, run_id, trial.name, trial.algo, output.models)
     client.set_terminated(run_id, "FINISHED")
     tune.report({**numbers, "stage": "done", "mlflow_run_id": run_id})
