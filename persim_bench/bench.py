@@ -1,7 +1,7 @@
 """Speed benchmarks: each figure is a ratio against a baseline or limit measured in the same run.
 
 ``persim-bench bench data`` (or ``python -m persim_bench.bench data``) prints a Markdown table
-that the README records. Targets come from the issues; a figure below target is reported,
+that docs/benchmarks.md records. Targets come from the issues; a figure below target is reported,
 not hidden.
 """
 from __future__ import annotations

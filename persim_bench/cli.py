@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-cpu-hours", type=float, default=1000.0,
                      help="refuse a grid estimated above this many CPU-hours unless --yes (default 1000)")
     run.add_argument("--gpu-rate", type=float, default=4e12,
-                     help="--dry-run: multiply-adds/s of a trial on a reserved GPU (default 4e12, see README)")
+                     help="--dry-run: multiply-adds/s of a trial on a reserved GPU (default 4e12, see docs/cluster.md)")
     run.set_defaults(func=cmd_run)
 
     tables = command("tables", "write the paper's tables from MLflow to results/<grid>/",
@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = command("bench", "speed benchmarks (ratios against a baseline measured in the same run)",
                     "Speed benchmarks of the data generation, the models and the MPC planner, each reported as a "
-                    "ratio against a baseline measured in the same run (see the README's Benchmarks).")
+                    "ratio against a baseline measured in the same run (see docs/benchmarks.md).")
     bench.add_argument("what", choices=["data", "model", "mpc"], help="which benchmark: data, model or mpc")
     bench.add_argument("--quick", action="store_true", help="small sizes, for a fast check")
     bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device of the mpc benchmark")

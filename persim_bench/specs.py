@@ -205,7 +205,7 @@ class PolicySpec(Strict):
     # other pure* regimes share the policies chosen greedily against target_return. The paper
     # adds the noise to the pure policies; paper.yaml uses this only where that cannot reach
     # Table 8 (CartPole pure-eps-40: our policies recover from random actions better than the
-    # paper's; README "Logging policies at the paper's data quality").
+    # paper's; docs/policies.md "Logging policies at the paper's data quality").
     regime_targets: dict[str, dict[str, float]] = {}
 
     @field_validator("budget", "test_budget", "eval_every", "target_return", "regime_targets")
@@ -268,7 +268,7 @@ class EvaluationSpec(Strict):
     # Hold a learned model's predicted states to the box the env keeps its states in (MountainCar's
     # position and velocity limits), in planning and in the prediction test. Paper and authors' code:
     # no clip (false). Without it PerSim's open-loop predictions of rarely-seen MountainCar agents
-    # leave the physical box and grow without bound on pure data (README, "Reproduction slice").
+    # leave the physical box and grow without bound on pure data (docs/reproduction.md, "Reproduction slice").
     clip_to_state_box: bool = True
     # Hold a learned model's predicted states to the range its training data saw, widened by
     # data_box_margin x that range on each side, in planning and in the prediction test. Paper and

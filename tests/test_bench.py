@@ -1,6 +1,6 @@
 """The benchmark commands run end to end at quick sizes and report well-formed rows.
 
-Speed targets are not asserted here (they live in the README's benchmark tables); a benchmark
+Speed targets are not asserted here (they live in docs/benchmarks.md's tables); a benchmark
 that crashes or measures nothing is.
 """
 import math

@@ -283,7 +283,7 @@ def test_repeated_mujoco_warnings_go_to_debug(caplog, capfd):
     assert "MuJoCo" not in out + err, "MuJoCo's own printing is replaced by the handler"
 
 
-# --- the README table --------------------------------------------------------------------------------
+# --- the docs/reliability.md table -------------------------------------------------------------------
 
 def test_covariate_ranges_markdown_lists_every_accepted_range():
     table = covariate_ranges_markdown()

@@ -3,7 +3,7 @@
 BCQ-P is one policy trained on every agent's trajectory of a dataset; BCQ-A is one policy per
 test agent trained on that agent's single trajectory only (``d3rlpy_common`` does both).
 MountainCar and CartPole use d3rlpy's DiscreteBCQ, HalfCheetah its continuous BCQ, with the
-original code's hyperparameters where d3rlpy's defaults differ (``BCQSpec``, README).
+original code's hyperparameters where d3rlpy's defaults differ (``BCQSpec``, docs/algorithms.md).
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ trajectory (``d3rlpy_common`` does both). HalfCheetah runs d3rlpy's CQL (SAC-bas
 the official code's Gym-MuJoCo setting (aviralkumar2907/CQL, ``d4rl/README.md`` and
 ``d4rl/examples/cql_mujoco_new.py``); MountainCar and CartPole run d3rlpy's DiscreteCQL on
 QR-DQN as the official Atari code (``atari/batch_rl``) does, with an MLP for the conv net.
-Where d3rlpy's defaults differ from the original code we use the original value (``CQLSpec``, README).
+Where d3rlpy's defaults differ from the original code we use the original value (``CQLSpec``, docs/algorithms.md).
 """
 from __future__ import annotations
 

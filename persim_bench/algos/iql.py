@@ -3,7 +3,7 @@
 IQL-P is one policy on every agent's trajectory, IQL-A one per test agent on its own trajectory
 (``d3rlpy_common`` does both). Hyperparameters follow the official code's Gym-MuJoCo setting
 (ikostrikov/implicit_q_learning: ``configs/mujoco_config.py``, ``learner.py``, ``train_offline.py``)
-where d3rlpy's defaults differ (``IQLSpec``, README).
+where d3rlpy's defaults differ (``IQLSpec``, docs/algorithms.md).
 """
 from __future__ import annotations
 

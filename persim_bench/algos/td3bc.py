@@ -3,7 +3,7 @@
 TD3+BC-P is one policy on every agent's trajectory, TD3+BC-A one per test agent on its own
 trajectory (``d3rlpy_common`` does both). Hyperparameters follow the official code
 (sfujim/TD3_BC: ``main.py``, ``TD3_BC.py``, ``utils.py``) where d3rlpy's defaults differ
-(``TD3BCSpec``, README): only the state normalisation does.
+(``TD3BCSpec``, docs/algorithms.md): only the state normalisation does.
 """
 from __future__ import annotations
 

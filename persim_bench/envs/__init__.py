@@ -44,7 +44,7 @@ def get_env(name: str) -> EnvFamily:
 
 
 def covariate_ranges_markdown() -> str:
-    """The covariates every env accepts, as a markdown table (for the README).
+    """The covariates every env accepts, as a markdown table (for docs/reliability.md).
 
     Accepted ranges are closed (``EnvFamily.covariate_valid``; each family's module says why);
     anything else (not finite, out of range, not [N, C]) raises ``CovariateError`` from

@@ -95,4 +95,4 @@ def check_shared_storage(locations: dict[str, str]) -> None:
             if seen != tokens[label]:
                 raise ClusterError(f"{label} {location} is not shared with Ray node "
                                  f"{node['NodeManagerAddress']} ({node['NodeID'][:8]}): it read {seen!r}; give a "
-                                 f"path or URI every node mounts (see README, Cluster)")
+                                 f"path or URI every node mounts (see docs/cluster.md)")
