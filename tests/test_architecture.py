@@ -7,7 +7,21 @@ from pathlib import Path
 import persim_bench
 
 PACKAGE = Path(persim_bench.__file__).parent
-SCIENCE = ("envs", "data", "algos", "planning.py", "evaluate.py", "costmodel.py", "specs.py", "errors.py", "analysis")
+SCIENCE = ("envs", "data", "algos", "planning.py", "evaluate.py", "costmodel.py", "specs.py", "errors.py", "analysis",
+           "contracts.py")
+# Bottom to top: a module imports only from its own layer or those below it ("nothing imports upward").
+# contracts is the leaf every layer above shares; analysis works on plain records and arrays only.
+LAYERS = (
+    ("persim_bench", "errors", "contracts", "analysis"),
+    ("envs", "specs"),
+    ("data",),
+    ("costmodel", "planning"),
+    ("evaluate",),
+    ("algos",),
+    ("config",),
+    ("bench", "orchestration"),
+    ("datasets", "cli"),
+)
 
 
 def module_name(path: Path) -> str:
@@ -96,3 +110,33 @@ def test_only_the_cli_exits():
         if "sys.exit(" in text or "SystemExit(" in text:
             offenders.append(str(path.relative_to(PACKAGE)))
     assert offenders == []
+
+
+def layer_of(module: str) -> int:
+    """The layer of a package module: its first part below persim_bench (the package itself for persim_bench)."""
+    part = module.split(".")[1] if "." in module else module
+    return next(i for i, names in enumerate(LAYERS) if part in names)
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{module} -> {target}" for module, targets in graph.items() for target in targets
+                  if layer_of(target) > layer_of(module))
+
+
+def test_every_module_has_a_layer_and_nothing_imports_upward():
+    graph = package_graph()
+    assert all(layer_of(module) is not None for module in graph)  # a new top-level module must be placed
+    assert upward_imports(graph) == []
+
+
+def test_upward_imports_are_seen():
+    graph = {"persim_bench.planning": {"persim_bench.algos.base"}, "persim_bench.algos.persim": {"persim_bench.evaluate"}}
+    assert upward_imports(graph) == ["persim_bench.planning -> persim_bench.algos.base"]
+
+
+def test_the_contracts_are_a_leaf_and_analysis_imports_only_itself():
+    graph = package_graph()
+    assert graph["persim_bench.contracts"] == set()
+    outside = {f"{m} -> {t}" for m, targets in graph.items() if m.startswith("persim_bench.analysis")
+               for t in targets if not t.startswith("persim_bench.analysis")}
+    assert outside == set()

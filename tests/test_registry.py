@@ -140,3 +140,23 @@ def test_a_prediction_only_grid_skips_the_reward_phase(name, tmp_path):
     assert all(math.isfinite(output.metrics[f"rmse_agent{a}"]) for a in TEST_AGENTS)
     assert not any(key.startswith("reward_agent") for key in output.metrics) and "seconds_reward" not in output.costs
     assert output.costs["model_rows"] > 0  # the prediction test's rows still counted
+
+
+def test_the_documented_baseline_runs(tmp_path, monkeypatch):
+    """docs/algorithms.md's whole-baseline example registers, expands to trials and scores every test agent."""
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).parent.parent / "docs" / "algorithms.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", page, re.S) if "ALGORITHMS = [" in b]
+    namespace: dict = {}
+    exec(compile(block, "docs/algorithms.md", "exec"), namespace)
+    (entry,) = namespace["ALGORITHMS"]
+    monkeypatch.setitem(ALGORITHMS, entry.name, entry)
+    grid = tiny_grid("true_env_mpc", "cartpole").model_copy(update={"algos": [entry.name]})
+    (trial,) = main_trials(grid)
+    assert trial.regime == "none" and trial.name == "random-cartpole-s0"
+    output = entry.run(trial, algorithm_spec(grid, trial), trial_context(grid, trial, tmp_path, tmp_path, tmp_path))
+    assert all(math.isfinite(output.metrics[f"reward_agent{a}"]) for a in TEST_AGENTS)
+    assert output.costs["seconds_reward"] > 0
+    assert estimate(grid, rate=5e10)[-1].by_algo["random"] == pytest.approx(1 / 3600)
