@@ -24,7 +24,8 @@ ALGOS = tuple(ALGORITHMS)
 # The grids shipped with the package (a symlink to the repo's tune_configs/ in a checkout).
 CONFIG_DIR = Path(__file__).parent / "tune_configs"
 
-STAGE_KEYS = (*ALGOS, "rank_cv", "policies")  # what `resources:` may name
+# What `resources:` may name: an algorithm, a stage an algorithm declares before main (rank_cv), the policies.
+STAGE_KEYS = (*ALGOS, *(algo.pre_stage.name for algo in ALGORITHMS.values() if algo.pre_stage), "policies")
 # The grid's name names folders under the results folder (datasets/<name>, <name>/report): one plain path part.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MAX_GRID_BYTES = 1 << 20  # grids are a few kB; anything larger is not one
@@ -46,11 +47,14 @@ class GridBase(Strict):
     policies: PolicySpec = PolicySpec()
     planner: PlannerSpec = PlannerSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
-    # Per algorithm (or "rank_cv"): CPUs/GPUs per trial; 1 CPU when absent.
+    # Per algorithm (or pre-main stage, e.g. "rank_cv"): CPUs/GPUs per trial; 1 CPU when absent.
     resources: dict[str, Resources] = {}
     # Times Tune restarts a trial whose worker or node died; errors of the trial's own code are
     # recorded once and not retried (they would fail again).
     max_failures: Annotated[int, Field(ge=0)] = 2
+    # A fit offers its state to a Tune checkpoint at most this often and after its last epoch; a trial
+    # restarted after a lost worker, or resumed with --resume, continues from it. 0: after every epoch.
+    checkpoint_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 600.0
 
     @model_validator(mode="before")
     @classmethod

@@ -8,6 +8,7 @@ names) and a ``TrialContext`` (the shared settings, paths, device, progress), an
 """
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Generic, Protocol, TypeVar, runtime_checkable
@@ -87,6 +88,25 @@ class Trial:
         return cls(**values)
 
 
+class Checkpoints:
+    """A fit's checkpoints: the state it may resume from, and where it offers its state after each epoch.
+
+    ``offer`` builds and saves the state only when ``every_seconds`` have passed since the last
+    save, or on the last epoch (``last``): a trial restarted after that resumes past its fit.
+    """
+
+    def __init__(self, resume: dict | None = None, save: Callable[[dict], None] | None = None,
+                 every_seconds: float = 600.0):
+        self.resume, self.save, self.every_seconds = resume, save, every_seconds
+        self._last_save = time.monotonic()
+
+    def offer(self, state: Callable[[], dict], last: bool = False) -> None:
+        if self.save is None or not (last or time.monotonic() - self._last_save >= self.every_seconds):
+            return
+        self.save(state())
+        self._last_save = time.monotonic()
+
+
 @dataclass(frozen=True)
 class TrialContext:
     """What a run function gets besides its Trial and spec: the shared settings, absolute paths, device, progress."""
@@ -99,6 +119,7 @@ class TrialContext:
     test_policy: Path | None = None  # the policy file driving the prediction test; None: the heuristic
     device: str = "cpu"             # "cuda" when the grid reserves a GPU for this algorithm and one is there
     report: Callable[[dict], None] = lambda metrics: None
+    checkpoints: Checkpoints | None = None  # the fit's checkpoints (Tune's, in a trial); None: none kept
 
 
 @dataclass(frozen=True)
@@ -154,6 +175,8 @@ class PreStage(Generic[S]):
     choose: Callable[[list[tuple[Trial, dict]], "Grid"], dict[tuple[str, str, int], Any]]
     picks: str                                # what it picks: MLflow params ``<picks>.<env>.<regime>.s<seed>``
     dearest: Callable[["Grid"], Any]          # the costliest possible pick: --dry-run's stand-in before it ran
+    metric: str                               # what its trials optimise (every report carries it) ...
+    mode: str                                 # ... "min" or "max": Tune's result grid knows the best trial
 
 
 @dataclass(frozen=True)

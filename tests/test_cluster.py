@@ -30,6 +30,7 @@ GRID = {
     "max_failures": 2,
     "data": {"n_agents": 8, "agents_per_shard": 4},
     "persim": {"rank": 2, "epochs": 30, "ensemble": 2, "state_hidden": [16]},
+    "checkpoint_seconds": 0,  # a Tune checkpoint after every epoch
     "planner": {"horizon": 5, "candidates": 20, "elites": 5},
     "evaluation": {"prediction_policy": "heuristic", "prediction_trajectories": 2, "prediction_steps": 10,
                    "burn_in": 2, "reward_episodes": 2, "max_steps": {"cartpole": 100}},
@@ -86,19 +87,33 @@ def assert_each_trial_once_and_finished(results):
 
 
 def test_trials_spread_over_nodes_and_survive_a_node_lost_mid_grid(cluster, tmp_path):
+    """A worker node lost mid-fit: its trial restarts on the other node from its last checkpoint, in the same run."""
     nodes, workers = cluster
     results = tmp_path / "results"
-    driver = start_run(write(tmp_path, GRID), results, nodes.address)
-    # Kill the worker node that runs the first trial while it runs.
-    running = wait_for(lambda: [r for r in trial_runs(results) if r.info.status == "RUNNING"], "a running trial")
-    doomed = next(w for w in workers if w.node_id == running[0].data.tags["node"])
+    grid = {**GRID, "persim": {**GRID["persim"], "epochs": 150, "batch_size": 8}}  # seconds of fit: time to kill
+    driver = start_run(write(tmp_path, grid), results, nodes.address)
+    client = MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
+
+    def fitting_persim():
+        for run in trial_runs(results):
+            if run.data.tags["algo"] == "persim" and run.info.status == "RUNNING":
+                if len(client.get_metric_history(run.info.run_id, "fit/train_loss")) >= 10:
+                    return run
+
+    running = wait_for(fitting_persim, "a PerSim trial 10 epochs into its fit")
+    doomed = next(w for w in workers if w.node_id == running.data.tags["node"])
     nodes.remove_node(doomed)
     output, _ = driver.communicate(timeout=900)
     assert driver.returncode == 0, output[-3000:]
 
     runs = assert_each_trial_once_and_finished(results)
-    lost = next(r for r in runs if r.info.run_id == running[0].info.run_id)
+    lost = next(r for r in runs if r.info.run_id == running.info.run_id)
     assert lost.data.tags["attempts"] == "2" and lost.data.tags["node"] != doomed.node_id  # retried elsewhere
+    resumed_at = int(lost.data.tags["resumed_from"].removeprefix("epoch "))
+    assert resumed_at >= 10  # continued from its checkpoint, not from epoch 0
+    steps = Counter(m.step for m in client.get_metric_history(lost.info.run_id, "fit/train_loss"))
+    assert set(steps) == set(range(1, 151))  # the whole curve, in the one MLflow run
+    assert all(steps[epoch] == 1 for epoch in range(1, resumed_at + 1))  # epochs before it were not trained again
     assert {r.data.tags["node"] for r in runs} <= {w.node_id for w in workers}
 
 

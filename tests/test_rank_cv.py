@@ -41,8 +41,8 @@ def test_rank_cv_finds_mountaincars_rank_three_and_main_uses_it(ray_cluster, wri
     assert parent.data.params["rank.mountaincar.random.s0"] == str(chosen)
     cv_runs = [r for r in runs if r.data.tags.get("stage") == "rank_cv"]
     assert sorted(int(r.data.params["rank"]) for r in cv_runs) == RANKS
-    curve = client.get_metric_history(cv_runs[0].info.run_id, "val_loss_curve")
-    assert len(curve) == 80 and curve[-1].value < curve[0].value  # the validation curve, one point per epoch
+    curve = client.get_metric_history(cv_runs[0].info.run_id, "fit/val_loss")  # logged live, step = epoch
+    assert [m.step for m in curve] == list(range(1, 81)) and curve[-1].value < curve[0].value
     main = next(r for r in runs if r.data.tags.get("stage") == "main")
     assert main.data.params["rank"] == str(chosen) and main.data.params["rank_source"] == "cv"
     assert main.data.tags["trial"] == f"persim-mountaincar-random-r{chosen}-s0" and main.info.status == "FINISHED"

@@ -24,7 +24,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from persim_bench.algos.nets import STEP_CHUNK, EnsembleMLP, SavedModel, in_row_chunks, register_data_box, set_data_box
-from persim_bench.contracts import Algorithm, Trial, TrialContext, TrialOutput
+from persim_bench.contracts import Algorithm, Checkpoints, Trial, TrialContext, TrialOutput
 from persim_bench.costmodel import (CADM_STEP_SECONDS, LAYER_SECONDS, STEP_SECONDS, TRAIN, Dynamics, mlp_seconds,
                                     evaluation_seconds)
 from persim_bench.data.dataset import Transitions
@@ -235,13 +235,14 @@ def context_pairs(starts: np.ndarray, future: int) -> tuple[np.ndarray, np.ndarr
 
 def fit_cadm(data: Transitions, spec: CadmSpec, seed: int, probabilistic: bool,
              on_iteration: Callable[[int, dict], None] | None = None,
-             device: str | torch.device = "cpu") -> tuple[CadmModel, dict]:
+             device: str | torch.device = "cpu", checkpoint: Checkpoints | None = None) -> tuple[CadmModel, dict]:
     """Train Vanilla (``probabilistic=False``) or PE-TS CaDM offline on ``data``, as the public code.
 
     ``spec.iterations`` times: draw a fresh validation split of context windows and fresh
     bootstrap samples per member (PE-TS), then up to ``epochs_per_iteration`` epochs, stopping
     early when the rolling validation loss rises. Every draw comes from ``seed`` (through a
-    generator on ``device``, where the model trains and stays).
+    generator on ``device``, where the model trains and stays). ``checkpoint`` gets the state after
+    every iteration and may hold one to resume from, continuing exactly as if never stopped.
     """
     if len(data) == 0:
         raise ValueError(f"{data.env}/{data.regime}: no transitions to train CaDM on")
@@ -257,8 +258,14 @@ def fit_cadm(data: Transitions, spec: CadmSpec, seed: int, probabilistic: bool,
     gen = torch.Generator(device=device).manual_seed(int(data_seed))
     n_windows, members = len(data), model.members
     metrics: dict = {}
-    epochs_run = 0
-    for iteration in range(spec.iterations):
+    epochs_run = first = 0
+    if checkpoint and checkpoint.resume:
+        state = checkpoint.resume
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        first, epochs_run, metrics = state["iteration"] + 1, state["epochs_run"], state["metrics"]
+    for iteration in range(first, spec.iterations):
         n_valid = min(int(n_windows * spec.valid_split), VALID_WINDOWS_CAP)
         held_out = torch.zeros(n_windows, dtype=torch.bool, device=device)
         held_out[torch.randperm(n_windows, generator=gen, device=device)[:n_valid]] = True
@@ -300,6 +307,10 @@ def fit_cadm(data: Transitions, spec: CadmSpec, seed: int, probabilistic: bool,
             previous = rolling
         if on_iteration:
             on_iteration(iteration, {**metrics, "epochs": epochs_run})
+        if checkpoint:
+            checkpoint.offer(lambda: {"iteration": iteration, "epochs_run": epochs_run, "metrics": metrics,
+                                      "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                      "generator": gen.get_state()}, last=iteration == spec.iterations - 1)
     model.eval()
     return model, {**metrics, "epochs": epochs_run, "fit_seconds": time.perf_counter() - started}
 
@@ -362,7 +373,7 @@ def run_cadm(trial: Trial, spec: CadmSpec, ctx: TrialContext) -> TrialOutput:
     data = load_trial_data(trial, ctx, costs)
     model, fit_metrics = fit_cadm(
         data, spec, trial.seed, probabilistic=trial.algo == "cadm_pets", device=ctx.device,
-        on_iteration=lambda i, m: ctx.report({"stage": "fit", "iteration": i + 1, **m}))
+        on_iteration=lambda i, m: ctx.report({"stage": "fit", "iteration": i + 1, **m}), checkpoint=ctx.checkpoints)
     fitted = TrialOutput(fit_metrics, costs, models=[save_model(model, ctx)])
     return fitted | evaluate_cadm(model, trial, spec, ctx)
 

@@ -26,7 +26,7 @@ from torch import nn
 from persim_bench.algos.nets import (
     STEP_CHUNK, EnsembleMLP, SavedModel, Workspace, in_row_chunks, register_data_box, set_data_box,
 )
-from persim_bench.contracts import AgentFactors, Algorithm, PreStage, Trial, TrialContext, TrialOutput
+from persim_bench.contracts import AgentFactors, Algorithm, Checkpoints, PreStage, Trial, TrialContext, TrialOutput
 from persim_bench.costmodel import STEP_SECONDS, TRAIN, Dynamics, evaluation_seconds, mlp_seconds
 from persim_bench.data.dataset import Transitions
 from persim_bench.envs import get_env
@@ -198,7 +198,7 @@ def _uniform(shape: tuple[int, ...], fan_in: int, gen: torch.Generator) -> torch
 
 def fit_persim(data: Transitions, spec: PersimSpec, seed: int, *, holdout: float = 0.0,
                on_epoch: Callable[[int, dict], None] | None = None, device: str | torch.device = "cpu",
-               agent_factor: bool = True) -> tuple[PerSimEnsemble, dict]:
+               agent_factor: bool = True, checkpoint: Checkpoints | None = None) -> tuple[PerSimEnsemble, dict]:
     """Train spec.ensemble PerSim members on ``data`` (paper Algorithm 1), all in one batched model.
 
     ``holdout`` keeps that fraction of transitions out of training (random rows, as in the
@@ -206,6 +206,8 @@ def fit_persim(data: Transitions, spec: PersimSpec, seed: int, *, holdout: float
     errors of the (normalised) delta, averaged over members. ``on_epoch(epoch, metrics)`` gets
     train_loss, lr (of that epoch) and val_loss after every epoch. Every random draw derives
     from ``seed``. Returns the model in eval mode and the final metrics (+ fit_seconds).
+    ``checkpoint`` gets the training state after every epoch and may hold one to resume from:
+    the fit then continues after that epoch exactly as if it had never stopped.
     """
     if not 0.0 <= holdout < 1.0:
         raise ValueError(f"holdout must be in [0, 1), got {holdout}")
@@ -236,8 +238,17 @@ def fit_persim(data: Transitions, spec: PersimSpec, seed: int, *, holdout: float
     shuffle = torch.Generator(device=device).manual_seed(int(shuffle_seed))
     members, n_train = model.n_members, len(train_rows)
     metrics: dict = {}
+    first = 0
+    if checkpoint and checkpoint.resume:
+        state = checkpoint.resume
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if schedule:
+            schedule.load_state_dict(state["schedule"])
+        shuffle.set_state(state["shuffle"])
+        first, metrics = state["epoch"] + 1, state["metrics"]
     model.train()
-    for epoch in range(spec.epochs):
+    for epoch in range(first, spec.epochs):
         # An independent permutation per member: row perm[m, i] is member m's i-th sample.
         perm = train_rows[torch.argsort(torch.rand(members, n_train, generator=shuffle, device=device), dim=1)]
         total, lr = torch.zeros((), device=device), optimizer.param_groups[0]["lr"]
@@ -257,6 +268,11 @@ def fit_persim(data: Transitions, spec: PersimSpec, seed: int, *, holdout: float
             metrics["val_loss"] = _loss(model, obs_z[val_rows], action[val_rows], agent[val_rows], target[val_rows])
         if on_epoch:
             on_epoch(epoch, dict(metrics))
+        if checkpoint:
+            checkpoint.offer(lambda: {"epoch": epoch, "metrics": metrics, "model": model.state_dict(),
+                                      "optimizer": optimizer.state_dict(), "shuffle": shuffle.get_state(),
+                                      "schedule": schedule.state_dict() if schedule else None},
+                             last=epoch == spec.epochs - 1)
     model.eval()
     return model, {**metrics, "fit_seconds": time.perf_counter() - started}
 
@@ -284,7 +300,8 @@ def run_persim(trial: Trial, spec: PersimSpec, ctx: TrialContext) -> TrialOutput
     if trial.rank is None:
         raise ValueError(f"{trial.env}/{trial.regime}: rank_cv chose no rank (all its trials failed)")
     model, fit_metrics = fit_persim(data, spec.model_copy(update={"rank": trial.rank}), trial.seed, device=ctx.device,
-                                    on_epoch=lambda epoch, m: ctx.report({"stage": "fit", "epoch": epoch + 1, **m}))
+                                    on_epoch=lambda epoch, m: ctx.report({"stage": "fit", "epoch": epoch + 1, **m}),
+                                    checkpoint=ctx.checkpoints)
     factors = AgentFactors(model.agent_factors(), data.covariates, tuple(get_env(trial.env).covariate_names),
                            f"PerSim agent factors, {trial.env} / {trial.regime} (rank {trial.rank}, seed {trial.seed})")
     fitted = TrialOutput(fit_metrics, costs, models=[save_model(model, ctx)], factors=factors)
@@ -295,18 +312,16 @@ def run_persim(trial: Trial, spec: PersimSpec, ctx: TrialContext) -> TrialOutput
 
 
 def cross_validate_rank(trial: Trial, spec: PersimSpec, ctx: TrialContext) -> TrialOutput:
-    """One candidate rank of the paper's cross-validation: PerSim fitted with a share of transitions held out."""
+    """One candidate rank of the paper's cross-validation: PerSim fitted with a share of transitions held out.
+
+    Its held-out loss per epoch is the curve ``fit/val_loss`` the trial logs as it trains.
+    """
     costs: dict = {}
     data = load_trial_data(trial, ctx, costs)
-    curve = []
-
-    def on_epoch(epoch: int, metrics: dict) -> None:
-        curve.append(metrics["val_loss"])
-        ctx.report({"stage": "fit", "epoch": epoch + 1, **metrics})
-
     _, metrics = fit_persim(data, spec.model_copy(update={"rank": trial.rank}), trial.seed, holdout=spec.cv_holdout,
-                            on_epoch=on_epoch, device=ctx.device)
-    return TrialOutput({**metrics, "val_loss_curve": curve}, costs)
+                            on_epoch=lambda epoch, m: ctx.report({"stage": "fit", "epoch": epoch + 1, **m}),
+                            device=ctx.device, checkpoint=ctx.checkpoints)
+    return TrialOutput(metrics, costs)
 
 
 def rank_cv_trials(grid: "Grid") -> list[Trial]:
@@ -385,7 +400,7 @@ def rank_cv_trial_seconds(grid: "Grid", trial: Trial, rows: int, rate: float) ->
 
 
 RANK_CV = PreStage("rank_cv", rank_cv_trials, cross_validate_rank, rank_cv_trial_seconds, choose_ranks, picks="rank",
-                   dearest=lambda grid: max(grid.persim.rank_grid))
+                   dearest=lambda grid: max(grid.persim.rank_grid), metric="val_loss", mode="min")
 ALGORITHMS = [Algorithm("persim", "PerSim", run_persim, "persim", PersimSpec, learns_dynamics=True, plans=True,
                         cost=persim_trial_seconds, reload=PerSimEnsemble.load, evaluate=evaluate_persim,
                         pre_stage=RANK_CV, main_trials=persim_main_trials)]

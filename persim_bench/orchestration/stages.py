@@ -50,8 +50,12 @@ def prepare_data(grid: Grid, results: Path, workers: int | None = None) -> tuple
     return policy_root, data_root
 
 
-def run_stage(grid: Grid, trials: list[Trial], context: RunContext, storage: str, name: str, results: Path) -> list[str]:
+def run_stage(grid: Grid, trials: list[Trial], context: RunContext, storage: str, name: str, results: Path,
+              metric: str | None = None, mode: str | None = None) -> list[str]:
     """Schedule trials with Ray Tune (resuming its saved state under storage/name if there is one).
+
+    ``metric``/``mode``: what the stage optimises (a pre-stage's, e.g. rank_cv's held-out loss, min),
+    so Tune's result grid knows its best trial.
 
     Tune's saved state is restored only when it is byte for byte what this tool recorded (it is
     unpickled on restore); a callback keeps that record current while the stage runs. Returns the
@@ -84,13 +88,14 @@ def run_stage(grid: Grid, trials: list[Trial], context: RunContext, storage: str
             tune_config=tune.TuneConfig(
                 # A new worker per trial paid ~6 s of process start and imports (median gap between
                 # trials in the smoke grid); trials keep no state in their process beyond caches.
-                reuse_actors=True,
+                reuse_actors=True, metric=metric, mode=mode,
                 trial_name_creator=lambda t: t.config["trial"]["name"],
                 trial_dirname_creator=lambda t: t.config["trial"]["name"]),
             run_config=tune.RunConfig(
                 name=name, storage_path=storage, verbose=reporting.tune_verbosity(),
                 callbacks=[state_recorder(path, record), *reporting.trial_lines()],
-                failure_config=tune.FailureConfig(max_failures=grid.max_failures, fail_fast=False)),
+                failure_config=tune.FailureConfig(max_failures=grid.max_failures, fail_fast=False),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),  # a restart needs only the newest
         )
     outcome = tuner.fit()
     record()
@@ -177,7 +182,7 @@ def _run_stages(grid: Grid, results: Path, source: str, tracking_uri: str, stora
             if trials := pre_stage.trials(grid):
                 print(f"[{pre_stage.name}] {len(trials)} trials")
                 failed += run_stage(grid, trials, context, storage, stage_name(grid, pre_stage.name, parent_run_id),
-                                    results)
+                                    results, pre_stage.metric, pre_stage.mode)
                 picks = choose(grid, pre_stage, client, experiment_id, parent_run_id)
                 print(f"[{pre_stage.name}] chosen {pre_stage.picks}: "
                       + ", ".join(f"{e}/{r}/s{s}: {k}" for (e, r, s), k in sorted(picks.items())))

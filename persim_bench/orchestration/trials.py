@@ -16,7 +16,7 @@ from pathlib import Path
 
 from persim_bench.algos.registry import ALGORITHMS
 from persim_bench.config import Grid
-from persim_bench.contracts import AgentFactors, PreStage, Trial, TrialContext, TrialOutput
+from persim_bench.contracts import AgentFactors, Checkpoints, PreStage, Trial, TrialContext, TrialOutput
 from persim_bench.data.generate import dataset_plan
 from persim_bench.data.policies import prediction_policy_path
 from persim_bench.envs import get_env
@@ -24,6 +24,8 @@ from persim_bench.orchestration.provenance import dataset_input, log_dataset_inp
 from persim_bench.orchestration.tracking import find_trial_run, trial_params
 
 MLFLOW_BATCH = 1000  # MLflow refuses more metrics per log_batch call
+CHECKPOINT_FILE = "state.pt"
+CURVE_STEPS = ("epoch", "iteration")  # what counts a fit's progress, the step of its curves in MLflow
 
 
 def pre_stages(grid: Grid) -> list[PreStage]:
@@ -64,13 +66,57 @@ def resources_key(trial: Trial) -> str:
 
 
 def trial_context(grid: Grid, trial: Trial, data_root: Path, policy_root: Path, work_dir: Path, device: str = "cpu",
-                  report=lambda metrics: None) -> TrialContext:
+                  report=lambda metrics: None, checkpoints: Checkpoints | None = None) -> TrialContext:
     """The context of a trial: the grid's shared sections, its dataset's plan, the test policy's file."""
     algo = ALGORITHMS[trial.algo]
     dataset = dataset_plan(grid, trial.env, trial.regime, policy_root) if algo.needs_data else None
     tests_predictions = algo.learns_dynamics and grid.evaluation.prediction_policy != "heuristic"
     test_policy = prediction_policy_path(policy_root, grid, trial.env) if tests_predictions else None
-    return TrialContext(grid.evaluation, grid.planner, work_dir, data_root, dataset, test_policy, device, report)
+    return TrialContext(grid.evaluation, grid.planner, work_dir, data_root, dataset, test_policy, device, report,
+                        checkpoints)
+
+
+class TrialProgress:
+    """A trial's progress: every report goes to Tune, and a fit's curve (metrics of an epoch or iteration)
+    to its MLflow run as it happens (``fit/<metric>`` at step = that epoch); fit states to Tune checkpoints."""
+
+    def __init__(self, client, run_id: str):
+        self.client, self.run_id, self.last = client, run_id, {}
+
+    def report(self, metrics: dict) -> None:
+        from mlflow.entities import Metric
+        from ray import tune
+
+        tune.report(metrics)
+        self.last = metrics
+        step = next((int(metrics[key]) for key in CURVE_STEPS if key in metrics), None)
+        if metrics.get("stage") == "fit" and step is not None:
+            now = int(time.time() * 1000)
+            self.client.log_batch(self.run_id, metrics=[
+                Metric(f"fit/{key}", float(value), now, step) for key, value in metrics.items()
+                if key not in CURVE_STEPS and isinstance(value, (int, float))])
+
+    def checkpoints(self, every_seconds: float, device: str) -> Checkpoints:
+        """The fit's checkpoints in Tune: the state of the last one (a restarted trial's), and a saver."""
+        import tempfile
+
+        import torch
+        from ray import tune
+
+        resume = None
+        if (found := tune.get_checkpoint()) is not None:
+            with found.as_directory() as folder:  # tensors and plain values only: nothing unpickles code
+                resume = torch.load(Path(folder) / CHECKPOINT_FILE, map_location=device, weights_only=True)
+            at = ", ".join(f"{key} {resume[key] + 1}" for key in CURVE_STEPS if key in resume)
+            self.client.set_tag(self.run_id, "resumed_from", at or "checkpoint")
+
+        def save(state: dict) -> None:
+            with tempfile.TemporaryDirectory(prefix="persim-checkpoint-") as folder:
+                torch.save(state, Path(folder) / CHECKPOINT_FILE)
+                # Tune copies the folder to the trial's storage before report returns.
+                tune.report({**self.last, "stage": "checkpoint"}, checkpoint=tune.Checkpoint.from_directory(folder))
+
+        return Checkpoints(resume, save, every_seconds)
 
 
 def algorithm_spec(grid: Grid, trial: Trial):
@@ -168,8 +214,10 @@ def run_trial(config: dict, context: RunContext) -> None:
             client.set_tag(run_id, key, value)
         client.update_run(run_id, status="RUNNING")
     algo, pre_stage = ALGORITHMS[trial.algo], pre_stage_of(trial)
+    progress = TrialProgress(client, run_id)
     ctx = trial_context(grid, trial, Path(context.data_root), Path(context.policy_root),
-                        Path(tune.get_context().get_trial_dir()), device, tune.report)
+                        Path(tune.get_context().get_trial_dir()), device, progress.report,
+                        progress.checkpoints(grid.checkpoint_seconds, device))
     started = time.perf_counter()
     try:
         output = (pre_stage.run if pre_stage else algo.run)(trial, algorithm_spec(grid, trial), ctx)
