@@ -19,9 +19,11 @@ from persim_bench.analysis import (PaperValuesError, aggregate_metrics, agent_ma
                                    tsne_figure)
 from persim_bench.analysis.paper import APPENDIX_OF, COLUMNS, canonical
 from persim_bench.analysis.stats import score_distribution
+from persim_bench.orchestration.tables import method_labels
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
+LABELS = method_labels()  # what orchestration passes: the algorithm registry's labels
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +134,7 @@ def test_packaged_with_the_wheel():
 
 
 def test_no_ray_mlflow_or_config_imported():
-    code = ("import sys; from persim_bench.analysis import build_report; build_report([], n_boot=10); "
+    code = ("import sys; from persim_bench.analysis import build_report; build_report([], n_boot=10, labels={}); "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow', 'torch') or m in "
             "('persim_bench.config', 'persim_bench.orchestrate', 'persim_bench.tables') "
             "or m.startswith('persim_bench.orchestration')]; assert not bad, bad")
@@ -254,7 +256,7 @@ SUMMARIES = {("cartpole", "pure"): {"test_returns": [184, 200, 196, 177, 100], "
 
 @pytest.fixture(scope="module")
 def report():
-    return build_report(RECORDS, SUMMARIES, random_scores={"cartpole": 20.0}, n_boot=400, seed=0)
+    return build_report(RECORDS, SUMMARIES, random_scores={"cartpole": 20.0}, n_boot=400, seed=0, labels=LABELS)
 
 
 def _rows(report, table):
@@ -326,7 +328,7 @@ def test_report_aggregates(report):
 
 
 def test_report_markdown_is_deterministic_and_checks_records(report):
-    again = build_report(RECORDS, SUMMARIES, random_scores={"cartpole": 20.0}, n_boot=400, seed=0)
+    again = build_report(RECORDS, SUMMARIES, random_scores={"cartpole": 20.0}, n_boot=400, seed=0, labels=LABELS)
     assert again.markdown == report.markdown
     assert report.markdown.startswith("# Reproduction report")
     for heading in ("## Agreement", "## Claims", "## Aggregates", "## Prediction error", "## Reward",
@@ -335,13 +337,13 @@ def test_report_markdown_is_deterministic_and_checks_records(report):
     agreement = {r["quantity"]: r for r in _rows(report, "agreement")}
     assert (agreement["reward"]["cells"], agreement["reward"]["agree"]) == ("4", "3")
     with pytest.raises(ValueError, match="records 0 and 1"):
-        build_report([RECORDS[0], RECORDS[0]], n_boot=10)
+        build_report([RECORDS[0], RECORDS[0]], n_boot=10, labels=LABELS)
     # without random scores the random regime's logged returns normalise; without them no aggregates
-    assert build_report(RECORDS, SUMMARIES, n_boot=10).tables["aggregates"]["rows"] == []
+    assert build_report(RECORDS, SUMMARIES, n_boot=10, labels=LABELS).tables["aggregates"]["rows"] == []
 
 
 def test_report_tables_fit_the_table_writers(report):
-    """Same shape as persim_bench/tables.py's tables, so its Markdown/LaTeX/CSV writers take them."""
+    """Same shape as the grid tables (analysis/grid_tables.py), so the Markdown/LaTeX/CSV writers take them."""
     for name, table in report.tables.items():
         assert set(table) == {"title", "columns", "rows"}, name
         for row in table["rows"]:
@@ -364,7 +366,7 @@ def test_the_paper_agrees_with_itself(values):
                                      "mean_return": v.value,
                                      "mean_length": paper("data_mean_length", v.env, v.regime, None)}
                  for v in values if v.quantity == "data_mean_return"}
-    built = build_report(records, summaries, n_boot=20)
+    built = build_report(records, summaries, n_boot=20, labels=LABELS)
     for name in ("paper_prediction", "paper_reward", "paper_data"):
         rows = _rows(built, name)
         assert rows and all(r["verdict"] == "agrees" and r["ours/paper"] in ("1", "-") for r in rows), name

@@ -134,9 +134,72 @@ def test_upward_imports_are_seen():
     assert upward_imports(graph) == ["persim_bench.planning -> persim_bench.algos.base"]
 
 
-def test_the_contracts_are_a_leaf_and_analysis_imports_only_itself():
+def test_the_contracts_are_a_leaf():
+    assert package_graph()["persim_bench.contracts"] == set()
+
+
+def test_analysis_imports_nothing_of_the_package_outside_itself():
+    """Analysis builds tables and figures from plain records: no orchestration, registry, config, MLflow or Ray."""
     graph = package_graph()
-    assert graph["persim_bench.contracts"] == set()
-    outside = {f"{m} -> {t}" for m, targets in graph.items() if m.startswith("persim_bench.analysis")
-               for t in targets if not t.startswith("persim_bench.analysis")}
+    outside = {f"{module}: {imported}" for module, imported_modules in graph.items()
+               if module.startswith("persim_bench.analysis") for imported in imported_modules
+               if not imported.startswith("persim_bench.analysis")}
     assert outside == set()
+    libraries = {f"{path.relative_to(PACKAGE)}: {m}" for path in (PACKAGE / "analysis").rglob("*.py")
+                 for m in runtime_imports(path) if m.split(".")[0] in ("mlflow", "ray")}
+    assert libraries == set()
+
+
+# envs/base.py: the env families' base classes (algos/base.py became contracts.py).
+SHARED_BASENAMES = {"__init__.py"}
+
+
+def test_module_and_function_names_say_which_one():
+    """No two modules named alike (once: analysis/report.py and orchestration/report.py), and no public function
+    of analysis or orchestration named like another function of the package (once: two ``build_tables``)."""
+    paths = sorted(PACKAGE.rglob("*.py"))
+    by_basename: dict[str, list[str]] = {}
+    for path in paths:
+        by_basename.setdefault(path.name, []).append(str(path.relative_to(PACKAGE)))
+    assert {name: where for name, where in by_basename.items() if len(where) > 1 and name not in SHARED_BASENAMES} == {}
+
+    defined: dict[str, list[str]] = {}
+    for path in paths:
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                defined.setdefault(node.name, []).append(module_name(path))
+    assert len(defined.get("build_tables", [])) <= 1
+    layers = ("persim_bench.analysis", "persim_bench.orchestration")
+    clashes = {name: modules for name, modules in defined.items() if len(modules) > 1 and not name.startswith("_")
+               and any(m.startswith(layers) for m in modules)}
+    assert clashes == {}
+
+
+def test_tables_label_methods_with_the_registry_labels():
+    """Analysis hard-codes no labels: the rows say what orchestration's mapping (the registry's labels) says."""
+    from persim_bench.algos.registry import ALGORITHMS
+    from persim_bench.analysis.grid_tables import CostRecord, GridLayout, TrialRecord, cost_table, per_env_tables
+    from persim_bench.analysis.reproduction import build_report
+    from persim_bench.orchestration.tables import method_labels
+
+    labels = method_labels()
+    assert labels == {**{name: algo.label for name, algo in ALGORITHMS.items()}, "data": "data"}
+    layout = GridLayout(envs=("cartpole",), test_agents=(0,), agent_columns={"cartpole": ("length=0.5, force=10",)},
+                        methods=("persim", "bcq_p"), regimes=("pure",), labels=labels, prediction_steps=50,
+                        reward_episodes=2, policy_reward_episodes=4)
+    metrics = {"rmse_agent0": 0.1, "r2_agent0": 0.9, "reward_agent0": 150.0, "seconds_total": 10.0}
+    records = [TrialRecord(trial=f"{algo}_cartpole_pure_s0", status="FINISHED", stage="main", algo=algo, env="cartpole",
+                           regime="pure", metrics=metrics) for algo in ("bcq_p", "persim")]
+    records.append(TrialRecord(trial="persim_cartpole_pure_s0_r4", status="FINISHED", stage="main", algo="persim",
+                               env="cartpole", regime="pure", rank=4, rank_source="sweep", metrics=metrics))
+    reward = per_env_tables(records, layout)["reward_cartpole"]
+    assert [row[1] for row in reward["rows"]] == ["PerSim", "PerSim (rank 4)", "BCQ-P"]
+    assert [row[1] for row in reward["rows"]] == [ALGORITHMS["persim"].label, f"{ALGORITHMS['persim'].label} (rank 4)",
+                                                  ALGORITHMS["bcq_p"].label]
+    costs = cost_table([CostRecord(algo=algo, env="cartpole", cpus=1, estimated_seconds=None, device="cpu",
+                                   metrics=metrics) for algo in ("bcq_p", "persim")], layout, 1e9)
+    assert [row[0] for row in costs["rows"]] == ["PerSim", "BCQ-P"]
+    report = build_report([{"algo": algo, "env": "cartpole", "regime": "pure", "seed": 0,
+                            "metrics": {"reward_agent0": 150.0}} for algo in ("persim", "bcq_p")], n_boot=10,
+                          labels=labels)
+    assert {row[2] for row in report.tables["paper_reward"]["rows"]} == {"PerSim", "BCQ-P"}

@@ -282,7 +282,8 @@ def test_a_dataset_of_the_old_layout_is_refused_with_how_to_regenerate(generated
 
 
 def test_tables_show_a_damaged_dataset_instead_of_dropping_it(generated, tmp_path):
-    from persim_bench.orchestration.tables import dataset_summaries, dataset_table
+    from persim_bench.analysis.grid_tables import dataset_table
+    from persim_bench.orchestration.tables import dataset_summaries
 
     grid, root = generated
     copy, folder = _copy(root, tmp_path)

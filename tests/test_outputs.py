@@ -23,7 +23,7 @@ from persim_bench.analysis.paper import canonical, load_paper_values
 from persim_bench.analysis.stats import performance_profile_figure
 from persim_bench.analysis.tabular import (METHOD_COLOURS, latex_escape, method_colours, png_to_pdf, save_figure,
                                            to_latex, write_table)
-from test_analysis import RECORDS, SUMMARIES
+from test_analysis import LABELS, RECORDS, SUMMARIES
 
 PNG = b"\x89PNG\r\n\x1a\n"
 PDF = b"%PDF"
@@ -193,7 +193,7 @@ def test_a_row_of_the_wrong_length_is_refused(tmp_path):
 def test_report_tables_compile(tmp_path):
     """Every .tex the report writes (agreement.tex's '75%' share was the reported failure), from the report of
     test_analysis's records and from the paper's own numbers (every table, claim and verdict filled)."""
-    report = build_report(RECORDS, SUMMARIES, random_scores={"cartpole": 20.0}, n_boot=50, seed=0)
+    report = build_report(RECORDS, SUMMARIES, random_scores={"cartpole": 20.0}, n_boot=50, seed=0, labels=LABELS)
     for name, table in report.tables.items():
         write_table(table, tmp_path / "report", name)
     assert "%" in "".join(r[-1] for r in report.tables["agreement"]["rows"])
@@ -211,17 +211,17 @@ def test_report_tables_compile(tmp_path):
                                  "mean_return": v.value,
                                  "mean_length": paper["data_mean_length", env, regime, "data", None].value}
                  for (quantity, env, regime, _, _), v in paper.items() if quantity == "data_mean_return"}
-    full = build_report(records, summaries, n_boot=20, seed=0)
+    full = build_report(records, summaries, n_boot=20, seed=0, labels=LABELS)
     assert all(table["rows"] for table in full.tables.values())
     for name, table in full.tables.items():
         write_table(table, tmp_path / "paper", name)
     check_tex_files(tmp_path / "paper", tmp_path / "latex_paper")
 
 
-def test_orchestration_tables_compile(tmp_path):
-    """The MLflow-side tables with the text they carry: covariate labels, an unreadable dataset's error, policies."""
-    from persim_bench.orchestration.report import factor_table
-    from persim_bench.orchestration.tables import dataset_table, policy_table
+def test_grid_tables_compile(tmp_path):
+    """The grid's own tables with the text they carry: covariate labels, an unreadable dataset's error, policies."""
+    from persim_bench.analysis.factors import probe_table
+    from persim_bench.analysis.grid_tables import dataset_table, policy_table
 
     summaries = {("cartpole", "pure"): {"test_returns": [1, 2, 3, 4, 5], "mean_return": 3.0, "mean_length": 50.0},
                  ("cartpole", "random"): {"error": "results/datasets/x_y/manifest.json: 100% {broken} & stale #2"}}
@@ -231,8 +231,9 @@ def test_orchestration_tables_compile(tmp_path):
                      "checkpoints": [[5_000, 190.0]], "target_return": 180.0, "target_rule": ">= target"}}
     records = [{"algo": "persim", "env": "cartpole", "regime": "pure", "seed": s,
                 "metrics": {"probe_r2_length": 0.9 + s / 100, "probe_r2_force": 0.5}} for s in range(2)]
-    for name, table in {"datasets": dataset_table(summaries, 50), "policies": policy_table(headers),
-                        "figure1_probe": factor_table(records)}.items():
+    tables = {"datasets": dataset_table(summaries, 50), "policies": policy_table([("logging-pure-0", headers["a"])]),
+              "figure1_probe": probe_table(records, {"cartpole": ["length", "force"]})}
+    for name, table in tables.items():
         write_table(table, tmp_path / "tables", name)
     check_tex_files(tmp_path / "tables", tmp_path / "latex")
 
@@ -282,10 +283,10 @@ def _bar_colours(fig) -> set[tuple]:
 def test_reward_figure_facets_colours_and_legend(tmp_path):
     from matplotlib.transforms import Bbox
 
-    from persim_bench.orchestration.tables import reward_figure
+    from persim_bench.analysis.grid_figures import reward_figure
 
     path = tmp_path / "figs" / "reward_cartpole.png"
-    fig = reward_figure(reward_table(LEARNED, REGIMES), path)
+    fig = reward_figure(reward_table(LEARNED, REGIMES), path, LABELS)
     methods = LEARNED + ["True env + MPC"]  # 9 methods x 4 regimes, True env + MPC in every panel
 
     assert len(fig.axes) == len(REGIMES)
@@ -314,11 +315,11 @@ def test_reward_figure_facets_colours_and_legend(tmp_path):
 
 
 def test_a_method_keeps_its_colour_in_every_figure(tmp_path):
-    from persim_bench.orchestration.tables import reward_figure
+    from persim_bench.analysis.grid_figures import reward_figure
 
-    first = reward_figure(reward_table(LEARNED, REGIMES[:1]), tmp_path / "a.png")
+    first = reward_figure(reward_table(LEARNED, REGIMES[:1]), tmp_path / "a.png", LABELS)
     second = reward_figure(reward_table(["BCQ-A", "PerSim", "PerSim (rank 4)", "PerSim (rank 8)"], REGIMES[2:],
-                                        shared=()), tmp_path / "b.png")
+                                        shared=()), tmp_path / "b.png", LABELS)
     colour = lambda fig: {t.get_text(): tuple(np.round(h.get_facecolor(), 4))
                           for t, h in zip(fig.legends[0].get_texts(), fig.legends[0].legend_handles)}
     a, b = colour(first), colour(second)

@@ -16,7 +16,8 @@ from persim_bench.errors import GridError
 from persim_bench.orchestration.estimate import estimate
 from persim_bench.orchestration.trials import algorithm_spec, main_trials, trial_context
 from persim_bench.orchestration.tracking import trial_params
-from persim_bench.orchestration.tables import method_label
+from persim_bench.analysis.tabular import method_label
+from persim_bench.orchestration.tables import method_labels
 
 TEST_AGENTS = [0, 3]
 
@@ -102,7 +103,8 @@ def test_params_labels_and_trials_follow_the_registry():
             assert any(key.startswith(f"{algo.spec_key}.") for key in params)
         assert algo.supports(get_env(trial.env).discrete)
         assert (trial.regime == "none") == (not algo.needs_data)
-    assert method_label("bcq_a") == "BCQ-A" and method_label("persim@r5") == "PerSim (rank 5)"
+    labels = method_labels()
+    assert method_label("bcq_a", labels) == "BCQ-A" and method_label("persim@r5", labels) == "PerSim (rank 5)"
 
 
 def test_an_algorithm_without_a_cost_is_refused_by_the_dry_run_not_costed_as_another(monkeypatch):

@@ -339,7 +339,7 @@ def smallest_good_rank(losses: dict[int, float], tolerance: float) -> int:
     return min(rank for rank, loss in losses.items() if loss <= (1 + tolerance) * min(losses.values()))
 
 
-def choose_ranks(results: list[tuple[Trial, dict]], grid: "Grid") -> dict[tuple[str, str, int], int]:
+def pick_ranks(results: list[tuple[Trial, dict]], grid: "Grid") -> dict[tuple[str, str, int], int]:
     """rank_cv's pick per (env, regime, seed) from its finished trials' held-out losses."""
     losses: dict[tuple[str, str, int], dict[int, float]] = {}
     for trial, metrics in results:
@@ -399,7 +399,7 @@ def rank_cv_trial_seconds(grid: "Grid", trial: Trial, rows: int, rate: float) ->
     return persim_fit_seconds(grid, trial.env, rows, trial.rank, grid.persim.cv_holdout, rate)
 
 
-RANK_CV = PreStage("rank_cv", rank_cv_trials, cross_validate_rank, rank_cv_trial_seconds, choose_ranks, picks="rank",
+RANK_CV = PreStage("rank_cv", rank_cv_trials, cross_validate_rank, rank_cv_trial_seconds, pick_ranks, picks="rank",
                    dearest=lambda grid: max(grid.persim.rank_grid), metric="val_loss", mode="min")
 ALGORITHMS = [Algorithm("persim", "PerSim", run_persim, "persim", PersimSpec, learns_dynamics=True, plans=True,
                         cost=persim_trial_seconds, reload=PerSimEnsemble.load, evaluate=evaluate_persim,

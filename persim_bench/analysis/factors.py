@@ -6,11 +6,13 @@ heterogeneity"); a cross-validated R^2 of a ridge regression from factors to eac
 the same thing as a number that can be compared across runs, ranks and regimes.
 PerSim's ensemble has one agent encoder per member, so factors may come as [members, agents, r]:
 members' factors are concatenated per agent (each member's basis is arbitrary, so they are not averaged).
+``probe_table`` gathers the probe R^2 that PerSim's trials logged into the report's Figure 1 table.
 """
 from __future__ import annotations
 
+from collections import defaultdict
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -113,3 +115,27 @@ def probe_r2(factors, covariates, folds: int = 5, seed: int = 0) -> np.ndarray:
     probe = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-4, 3, 15), alpha_per_target=True))
     predicted = cross_val_predict(probe, x, y, cv=KFold(folds, shuffle=True, random_state=seed))
     return np.asarray(r2_score(y, predicted.reshape(y.shape), multioutput="raw_values"))
+
+
+def probe_table(records: Iterable[Mapping], covariate_names: Mapping[str, Sequence[str]]) -> dict:
+    """The paper's Figure 1 as numbers: cross-validated R^2 of a linear probe from PerSim's agent factors, per
+    env x regime over seeds.
+
+    ``records``: trials as the reproduction report takes them (``{"algo", "env", "regime", "metrics"}``, PerSim's
+    with metrics ``probe_r2_<covariate>``); ``covariate_names``: each env's hidden covariates, in its order.
+    """
+    groups: dict[tuple[str, str], list[Mapping]] = defaultdict(list)
+    for record in records:
+        if record["algo"] == "persim":
+            groups[record["env"], record["regime"]].append(record["metrics"])
+    rows = []
+    for (env, regime), metrics in sorted(groups.items()):
+        cells = []
+        for name in covariate_names[env]:
+            values = [m[f"probe_r2_{name}"] for m in metrics if f"probe_r2_{name}" in m]
+            cells.append(f"{name}: {np.mean(values):.3f}" + (f" +- {np.std(values):.2g}" if len(values) > 1 else "")
+                         if values else f"{name}: -")
+        rows.append([env, regime, str(len(metrics)), "; ".join(cells)])
+    return {"title": "Figure 1 as a number: cross-validated R^2 of a linear probe from PerSim's agent factors to "
+                     "each hidden covariate (mean +- std over seeds; 1 = the factors carry it linearly)",
+            "columns": ["env", "regime", "seeds", "probe R^2"], "rows": rows}

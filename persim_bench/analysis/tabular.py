@@ -1,6 +1,10 @@
 """Tables as plain data ({"title", "columns", "rows"} of strings), their Markdown, LaTeX and CSV files, and figures.
 
-Shared by the MLflow tables (``orchestration/tables.py``) and the reproduction report (``analysis/report.py``).
+Shared by the grid tables (``analysis/grid_tables.py``) and the reproduction report (``analysis/reproduction.py``).
+
+Method labels: a table row names a method by its label, never by a label written here. The caller passes
+``labels``, {method key: label} (orchestration builds it from the algorithm registry); ``method_label``
+adds PerSim's rank-sweep suffix and ``method_key_of`` reads a label back.
 
 LaTeX: every ``.tex`` is a bare ``tabular`` (``\\input`` it inside a document that loads ``booktabs``)
 and plain ASCII, so it compiles under pdflatex, XeLaTeX and LuaLaTeX alike: LaTeX's specials are
@@ -18,7 +22,25 @@ import textwrap
 import unicodedata
 import zlib
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
+
+# ---------------------------------------------------------------------------------------- method labels
+
+
+def method_label(key: str, labels: Mapping[str, str]) -> str:
+    """A method's row label: ``labels[algo]`` (the algorithm itself if unlabelled), ``" (rank r)"`` added for
+    PerSim's rank sweep (key ``persim@r<r>``)."""
+    algo, _, rank = key.partition("@r")
+    return labels.get(algo, algo) + (f" (rank {rank})" if rank else "")
+
+
+def method_key_of(label: str, labels: Mapping[str, str]) -> str:
+    """The inverse of ``method_label``: ``"PerSim (rank 4)"`` -> ``persim@r4``; an unknown label is its own key."""
+    algo, rank = label, ""
+    if label.endswith(")") and " (rank " in label:
+        algo, _, rank = label[:-1].rpartition(" (rank ")
+    key = next((name for name, text in labels.items() if text == algo), algo)
+    return key + (f"@r{rank}" if rank else "")
 
 # ---------------------------------------------------------------------------------------- Markdown / CSV
 

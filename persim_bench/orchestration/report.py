@@ -1,14 +1,14 @@
-"""``persim-bench report``: the reproduction report of a grid from its MLflow runs (``analysis.report`` builds it).
+"""``persim-bench report``: the reproduction report of a grid from its MLflow runs (``analysis.reproduction`` builds it).
 
 Collects every finished main trial (with its per-episode returns), the datasets' Table-8
 summaries, a random policy's return per test agent (the 0 of the normalised scores), PerSim's
-agent-factor figures and probe R^2 (the paper's Figure 1), and writes ``results/<grid>/report.md``
-with CSV/LaTeX per table and a performance-profile figure, also logged on the newest parent run.
+agent-factor figures and probe R^2 (the paper's Figure 1); analysis builds the tables, the
+performance-profile figure and the page, and this writes ``results/<grid>/report/report.md`` with
+CSV/LaTeX per table, also logged on the newest parent run.
 """
 from __future__ import annotations
 
 import shutil
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +19,9 @@ from persim_bench.data.behaviour import RandomPolicy
 from persim_bench.data.dataset import policy_root
 from persim_bench.envs import get_env
 from persim_bench.evaluate import score_policy
-from persim_bench.analysis.tabular import method_colours, png_to_pdf, to_markdown, write_table
+from persim_bench.analysis.tabular import png_to_pdf, write_table
 from persim_bench.orchestration.guard import inside
-from persim_bench.orchestration.tables import dataset_summaries, method_label
+from persim_bench.orchestration.tables import dataset_summaries, method_labels
 from persim_bench.orchestration.tracking import grid_experiment, latest_trial_runs, newest_parent_run
 
 RANDOM_EPISODES = 20  # per test agent, for the random policy's reference return
@@ -57,26 +57,6 @@ def random_scores(grid: Grid) -> dict[tuple[str, int], float]:
     return scores
 
 
-def factor_table(records: list[dict]) -> dict:
-    """The paper's Figure 1 as numbers: cross-validated R^2 of a linear probe from PerSim's agent factors."""
-    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    for record in records:
-        if record["algo"] == "persim":
-            groups[record["env"], record["regime"]].append(record["metrics"])
-    rows = []
-    for (env, regime), metrics in sorted(groups.items()):
-        names = get_env(env).covariate_names
-        cells = []
-        for name in names:
-            values = [m[f"probe_r2_{name}"] for m in metrics if f"probe_r2_{name}" in m]
-            cells.append(f"{name}: {np.mean(values):.3f}" + (f" +- {np.std(values):.2g}" if len(values) > 1 else "")
-                         if values else f"{name}: -")
-        rows.append([env, regime, str(len(metrics)), "; ".join(cells)])
-    return {"title": "Figure 1 as a number: cross-validated R^2 of a linear probe from PerSim's agent factors to "
-                     "each hidden covariate (mean +- std over seeds; 1 = the factors carry it linearly)",
-            "columns": ["env", "regime", "seeds", "probe R^2"], "rows": rows}
-
-
 def copy_factor_figures(client, records: list[dict], out: Path) -> list[Path]:
     """Figure 1, one PNG (and PDF) per env x regime: the t-SNE of the lowest seed's PerSim trial, copied from MLflow."""
     first: dict[tuple[str, str], dict] = {}
@@ -104,35 +84,26 @@ def write_report(grid: Grid, tracking_uri: str, results: Path, data_root: Path) 
     """Write results/<grid>/report.md (+ csv/tex, figures) and log it on the newest parent run; returns the file."""
     from mlflow.tracking import MlflowClient
 
-    from persim_bench.analysis.report import build_report
-    from persim_bench.analysis.stats import performance_profile_figure
+    from persim_bench.analysis.factors import probe_table
+    from persim_bench.analysis.reproduction import build_report, performance_profile, report_page
 
     client = MlflowClient(tracking_uri)
     experiment = grid_experiment(client, grid, tracking_uri)
     records = trial_records(client, latest_trial_runs(client, experiment.experiment_id))
+    labels = method_labels()
     out = inside(results, results / grid.name / "report")
     out.mkdir(parents=True, exist_ok=True)
     summaries = dataset_summaries(grid, data_root, policy_root(results))
     unreadable = {key: s["error"] for key, s in summaries.items() if "error" in s}
     readable = {key: s for key, s in summaries.items() if key not in unreadable}
-    report = build_report(records, readable, random_scores=random_scores(grid), seed=grid.seed)
+    report = build_report(records, readable, random_scores=random_scores(grid), seed=grid.seed, labels=labels)
     for name, table in report.tables.items():
         write_table(table, out, name)
-    factors = factor_table(records)
-    write_table(factors, out, "figure1_probe")
-    parts = [report.markdown, "## Figure 1: agent factors\n", to_markdown(factors)]
-    if unreadable:  # never a silent gap in Table 8
-        parts.append("## Datasets that could not be read\n\n" + "".join(
-            f"- {env}/{regime}: {error}\n" for (env, regime), error in sorted(unreadable.items())))
-    parts += [f"![{path.stem}]({path.name}) ([PDF]({path.stem}.pdf))\n"
-              for path in copy_factor_figures(client, records, out)]
-    if report.normalised_scores:
-        labelled = {method_label(key): scores for key, scores in report.normalised_scores.items()}
-        colours = {method_label(key): colour for key, colour in method_colours(report.normalised_scores).items()}
-        performance_profile_figure(labelled, out / "performance_profile.png", colours=colours)
-        parts.append("## Performance profile\n\n![performance profile](performance_profile.png) "
-                     "([PDF](performance_profile.pdf))\n")
-    (out / "report.md").write_text("\n".join(parts))
+    probe = probe_table(records, {env: get_env(env).covariate_names for env in sorted({r["env"] for r in records})})
+    write_table(probe, out, "figure1_probe")
+    figure1 = copy_factor_figures(client, records, out)
+    profile = performance_profile(report, out / "performance_profile.png", labels)
+    (out / "report.md").write_text(report_page(report, probe, unreadable, figure1, profile))
     parent = newest_parent_run(client, experiment.experiment_id)
     if parent is not None:
         client.log_artifacts(parent.info.run_id, str(out), artifact_path="report")

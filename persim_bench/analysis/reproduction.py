@@ -1,9 +1,10 @@
 """The reproduction report: our numbers against the paper's, cell by cell, claim by claim, and in aggregate.
 
 A pure builder: it takes plain records (no MLflow, no Ray) and returns tables in the shape
-``persim_bench/tables.py`` writes ({"title", "columns", "rows"} with string cells), the
+``tabular.write_table`` writes ({"title", "columns", "rows"} with string cells), the
 normalised score matrices behind the aggregates (for ``stats.performance_profile_figure``) and
-the Markdown of ``report.md``.
+the Markdown of the report; ``report_page`` assembles ``report.md`` around it (Figure 1's probe
+table and figures, the performance profile ``performance_profile`` draws).
 
 Inputs:
 - ``records``: finished trials, ``{"algo", "env", "regime", "seed", "metrics"}``; metrics keys
@@ -13,6 +14,8 @@ Inputs:
 - ``dataset_summaries``: ``{(env, regime): {"test_returns": [5], "mean_return", "mean_length"}}``.
 - ``random_scores``: a uniformly random policy's mean return, keyed ``(env, agent)`` or ``env``
   (the caller runs the envs); without it the random regime's logged test-agent returns stand in.
+- ``labels``: {method key: label} for the rows (the caller's algorithm registry; ``data`` for Table 8);
+  an unlabelled method shows its key. Rows follow the paper's method order (``paper.METHODS``).
 """
 from __future__ import annotations
 
@@ -21,13 +24,14 @@ import numbers
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
+from pathlib import Path, PurePath
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from persim_bench.analysis.paper import (ENVS, N_TEST_AGENTS, REGIMES, Key, PaperValue, canonical,
+from persim_bench.analysis.paper import (ENVS, METHODS, N_TEST_AGENTS, REGIMES, Key, PaperValue, canonical,
                                          load_paper_values, tables_of)
-from persim_bench.analysis.tabular import to_markdown
+from persim_bench.analysis.tabular import method_colours, method_label, to_markdown
 from persim_bench.analysis.stats import DEFAULT_BOOT, aggregate_metrics, bootstrap_ci, normalise
 
 # Tolerances of the cell verdicts. Each compares against every value that prints as the paper's
@@ -52,8 +56,6 @@ REWARD_BASELINES = ("cadm_vanilla", "cadm_pets", "bcq_p", "bcq_a")
 AGGREGATE_METHODS = ("persim", *REWARD_BASELINES)
 TRUE_ENV_CLAIM_ENVS = ("mountaincar", "cartpole")
 LEARNED_REGIMES = REGIMES[:-1]
-METHOD_LABELS = {"persim": "PerSim", "cadm_vanilla": "Vanilla CaDM", "cadm_pets": "PE-TS CaDM", "bcq_p": "BCQ-P",
-                 "bcq_a": "BCQ-A", "true_env_mpc": "True env + MPC", "data": "data"}
 
 
 @dataclass(frozen=True)
@@ -195,9 +197,9 @@ def _index(options, item) -> int:
     return options.index(item) if item in options else len(options)
 
 
-def _order(key: Key) -> tuple:
+def _cell_order(key: Key) -> tuple:
     quantity, env, regime, method, agent = key
-    return (_index(ENVS, env), _index(REGIMES, regime), _index(list(METHOD_LABELS), method),
+    return (_index(ENVS, env), _index(REGIMES, regime), _index(METHODS, method),
             agent if agent is not None else -1, quantity)
 
 
@@ -208,12 +210,12 @@ COMPARISON_COLUMNS = ["env", "regime", "method", "agent", "quantity", "paper", "
 
 
 def comparison_rows(paper: dict[Key, PaperValue], ours: dict[Key, Cell], values: list[PaperValue],
-                    quantities: tuple[str, ...]) -> list[list[str]]:
+                    quantities: tuple[str, ...], labels: Mapping[str, str]) -> list[list[str]]:
     """One row per paper cell that our records cover."""
     rows = []
-    for key in sorted((k for k in paper if k[0] in quantities and k in ours), key=_order):
+    for key in sorted((k for k in paper if k[0] in quantities and k in ours), key=_cell_order):
         p, o = paper[key], ours[key]
-        rows.append([key[1], key[2], METHOD_LABELS[key[3]], str(key[4]), key[0], fmt_paper(p),
+        rows.append([key[1], key[2], method_label(key[3], labels), str(key[4]), key[0], fmt_paper(p),
                      "/".join(t.removeprefix("Table ") for t in tables_of(values, key)), fmt(o.mean), fmt_ci(o),
                      str(len(o.seeds)), fmt(ratio(o.mean, p.value)), verdict(p, o)])
     return rows
@@ -290,7 +292,7 @@ def _status(claim: Claim, margins: dict[int, float]) -> str:
     return "-" if not margins else "holds" if not failing else f"fails ({failing}/{len(margins)} agents)"
 
 
-def claim_rows(ours: dict[Key, Cell], paper: dict[Key, PaperValue]) -> list[list[str]]:
+def claim_rows(ours: dict[Key, Cell], paper: dict[Key, PaperValue], labels: Mapping[str, str]) -> list[list[str]]:
     """The paper's orderings (Sec. 6.2-6.3) checked on our means, and the same check on the paper's numbers."""
     rows = []
     for claim in CLAIMS:
@@ -302,7 +304,7 @@ def claim_rows(ours: dict[Key, Cell], paper: dict[Key, PaperValue]) -> list[list
                         continue
                     worst = min(margins, key=margins.get)
                     holding = sum(claim.holds(m) for m in margins.values())
-                    rows.append([claim.text.format(METHOD_LABELS[baseline]), env, regime,
+                    rows.append([claim.text.format(method_label(baseline, labels)), env, regime,
                                  "holds" if holding == len(margins) else "fails", f"{holding}/{len(margins)}",
                                  f"agent {worst}: {claim.show(margins[worst])}",
                                  _status(claim, _margins(claim, paper, env, regime, baseline))])
@@ -349,10 +351,11 @@ def normalised_scores(ours: dict[Key, Cell], random_scores: Mapping | None, summ
 AGGREGATE_COLUMNS = ["method", "runs", "tasks", "median", "IQM", "mean", "optimality gap"]
 
 
-def aggregate_rows(scores: dict[str, np.ndarray], n_boot: int, seed: int) -> list[list[str]]:
+def aggregate_rows(scores: dict[str, np.ndarray], n_boot: int, seed: int, labels: Mapping[str, str]
+                   ) -> list[list[str]]:
     intervals = aggregate_metrics(scores, n_boot, seed)
     show = lambda i: f"{i.point:.3f} [{i.low:.3f}, {i.high:.3f}]"
-    return [[METHOD_LABELS[m], str(s.shape[0]), str(s.shape[1])] +
+    return [[method_label(m, labels), str(s.shape[0]), str(s.shape[1])] +
             [show(intervals[m][name]) for name in ("median", "iqm", "mean", "optimality_gap")]
             for m, s in scores.items()]
 
@@ -370,9 +373,10 @@ def summary_rows(tables: dict[str, dict]) -> list[list[str]]:
     return [[q, str(n), str(ok), f"{ok / n:.0%}"] for q, (n, ok) in counts.items()]
 
 
-def build_tables(records: Iterable[Mapping], dataset_summaries: Mapping | None = None,
-                 paper_values: list[PaperValue] | None = None, random_scores: Mapping | None = None,
-                 n_boot: int = DEFAULT_BOOT, seed: int = 0) -> tuple[dict[str, dict], dict[str, np.ndarray], list]:
+def reproduction_tables(records: Iterable[Mapping], dataset_summaries: Mapping | None = None,
+                        paper_values: list[PaperValue] | None = None, random_scores: Mapping | None = None,
+                        n_boot: int = DEFAULT_BOOT, seed: int = 0, *, labels: Mapping[str, str]
+                        ) -> tuple[dict[str, dict], dict[str, np.ndarray], list]:
     """Every report table, plus the normalised score matrices and their tasks."""
     values = paper_values if paper_values is not None else load_paper_values()
     paper, summaries = canonical(values), _check_summaries(dataset_summaries or {})
@@ -383,21 +387,21 @@ def build_tables(records: Iterable[Mapping], dataset_summaries: Mapping | None =
     tables = {
         "paper_prediction": {"title": f"Prediction error, paper vs ours (CI over seeds); {tolerance}",
                              "columns": COMPARISON_COLUMNS,
-                             "rows": comparison_rows(paper, ours, values, ("rmse", "r2"))},
+                             "rows": comparison_rows(paper, ours, values, ("rmse", "r2"), labels)},
         "paper_reward": {"title": f"Reward, paper (mean +- std over 5 repeats) vs ours (95% bootstrap CI over seeds "
                                   f"x episodes); verdict: within {REWARD_REL_TOL:.0%} or the paper's value inside "
                                   f"our CI",
-                         "columns": COMPARISON_COLUMNS, "rows": comparison_rows(paper, ours, values, ("reward",))},
+                         "columns": COMPARISON_COLUMNS, "rows": comparison_rows(paper, ours, values, ("reward",), labels)},
         "paper_data": {"title": f"Offline data (Table 8), paper vs ours; verdict: within {DATA_REL_TOL:.0%}",
                        "columns": ["env", "regime", "quantity", "agent", "paper", "ours", "ours/paper", "verdict"],
                        "rows": data_rows(paper, summaries)},
         "claims": {"title": "The paper's claims on our numbers (means over seeds); a claim holds for an env and "
                             "regime if it holds for every test agent; 'paper' = the same check on the paper's numbers",
-                   "columns": CLAIM_COLUMNS, "rows": claim_rows(ours, paper)},
+                   "columns": CLAIM_COLUMNS, "rows": claim_rows(ours, paper, labels)},
         "aggregates": {"title": f"Aggregate reward (rliable) over {len(tasks)} tasks (env x regime x test agent), "
                                 f"normalised per env and agent: 0 = random policy, 1 = our True env + MPC; "
                                 f"95% stratified-bootstrap CIs over runs",
-                       "columns": AGGREGATE_COLUMNS, "rows": aggregate_rows(scores, n_boot, seed) if tasks else []},
+                       "columns": AGGREGATE_COLUMNS, "rows": aggregate_rows(scores, n_boot, seed, labels) if tasks else []},
     }
     tables["agreement"] = {"title": "Cells agreeing with the paper, per quantity",
                            "columns": ["quantity", "cells", "agree", "share"], "rows": summary_rows(tables)}
@@ -410,9 +414,10 @@ SECTIONS = [("Agreement", "agreement"), ("Claims", "claims"), ("Aggregates", "ag
 
 def build_report(records: Iterable[Mapping], dataset_summaries: Mapping | None = None,
                  paper_values: list[PaperValue] | None = None, random_scores: Mapping | None = None,
-                 n_boot: int = DEFAULT_BOOT, seed: int = 0) -> Report:
-    """Tables, normalised scores and the Markdown of report.md; deterministic for a seed."""
-    tables, scores, tasks = build_tables(records, dataset_summaries, paper_values, random_scores, n_boot, seed)
+                 n_boot: int = DEFAULT_BOOT, seed: int = 0, *, labels: Mapping[str, str]) -> Report:
+    """Tables, normalised scores and the Markdown of the paper-vs-ours part of report.md; deterministic for a seed."""
+    tables, scores, tasks = reproduction_tables(records, dataset_summaries, paper_values, random_scores, n_boot, seed,
+                                                labels=labels)
     parts = ["# Reproduction report: PerSim (NeurIPS 2021)\n",
              f"Tolerances: reward within {REWARD_REL_TOL:.0%} of the paper or the paper's value inside our 95% CI; "
              f"RMSE within {RMSE_FACTOR:g}x; 1 - R^2 within {R2_FACTOR:g}x; Table 8 within {DATA_REL_TOL:.0%}; all "
@@ -420,3 +425,34 @@ def build_report(records: Iterable[Mapping], dataset_summaries: Mapping | None =
     parts += [f"## {heading}\n\n{to_markdown(tables[name])}" for heading, name in SECTIONS]
     names = [f"{env}/{regime}/agent{agent}" for env, regime, agent in tasks]
     return Report(tables, "\n".join(parts), scores, tuple(names))
+
+
+# ---------------------------------------------------------------------------------------- report.md
+
+def performance_profile(report: Report, path: str | Path, labels: Mapping[str, str]) -> Path | None:
+    """The performance-profile figure of the report's normalised scores (PNG and PDF), methods by their labels
+    in their fixed colours; None (nothing drawn) if the report has no aggregates."""
+    from persim_bench.analysis.stats import performance_profile_figure
+
+    if not report.normalised_scores:
+        return None
+    labelled = {method_label(key, labels): scores for key, scores in report.normalised_scores.items()}
+    colours = {method_label(key, labels): colour for key, colour in method_colours(report.normalised_scores).items()}
+    return performance_profile_figure(labelled, path, colours=colours)
+
+
+def report_page(report: Report, probe: dict, unreadable: Mapping[tuple[str, str], str] | None = None,
+                figure1: Sequence[str | PurePath] = (), profile: str | PurePath | None = None) -> str:
+    """The text of report.md: the report, Figure 1 (``factors.probe_table``'s table, then its figures' files),
+    the datasets that could not be read ({(env, regime): why}: never a silent gap in Table 8) and the
+    performance profile's file; figures are linked by file name, each with the PDF beside it."""
+    parts = [report.markdown, "## Figure 1: agent factors\n", to_markdown(probe)]
+    if unreadable:
+        parts.append("## Datasets that could not be read\n\n" + "".join(
+            f"- {env}/{regime}: {error}\n" for (env, regime), error in sorted(unreadable.items())))
+    parts += [f"![{PurePath(name).stem}]({PurePath(name).name}) ([PDF]({PurePath(name).stem}.pdf))\n"
+              for name in figure1]
+    if profile is not None:
+        name = PurePath(profile)
+        parts.append(f"## Performance profile\n\n![performance profile]({name.name}) ([PDF]({name.stem}.pdf))\n")
+    return "\n".join(parts)
