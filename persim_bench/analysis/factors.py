@@ -117,6 +117,11 @@ def probe_r2(factors, covariates, folds: int = 5, seed: int = 0) -> np.ndarray:
     return np.asarray(r2_score(y, predicted.reshape(y.shape), multioutput="raw_values"))
 
 
+def has_factor_probe(metrics: Mapping) -> bool:
+    """Whether a trial learned agent factors (it then logs ``probe_r2_<covariate>``): PerSim's trials."""
+    return any(key.startswith("probe_r2_") for key in metrics)
+
+
 def probe_table(records: Iterable[Mapping], covariate_names: Mapping[str, Sequence[str]]) -> dict:
     """The paper's Figure 1 as numbers: cross-validated R^2 of a linear probe from PerSim's agent factors, per
     env x regime over seeds.
@@ -126,7 +131,7 @@ def probe_table(records: Iterable[Mapping], covariate_names: Mapping[str, Sequen
     """
     groups: dict[tuple[str, str], list[Mapping]] = defaultdict(list)
     for record in records:
-        if record["algo"] == "persim":
+        if has_factor_probe(record["metrics"]):
             groups[record["env"], record["regime"]].append(record["metrics"])
     rows = []
     for (env, regime), metrics in sorted(groups.items()):

@@ -19,6 +19,7 @@ from persim_bench.data.behaviour import RandomPolicy
 from persim_bench.data.dataset import policy_root
 from persim_bench.envs import get_env
 from persim_bench.evaluate import score_policy
+from persim_bench.analysis.factors import has_factor_probe
 from persim_bench.analysis.tabular import png_to_pdf, write_table
 from persim_bench.orchestration.guard import inside
 from persim_bench.orchestration.tables import dataset_summaries, method_labels
@@ -58,10 +59,11 @@ def random_scores(grid: Grid) -> dict[tuple[str, int], float]:
 
 
 def copy_factor_figures(client, records: list[dict], out: Path) -> list[Path]:
-    """Figure 1, one PNG (and PDF) per env x regime: the t-SNE of the lowest seed's PerSim trial, copied from MLflow."""
+    """Figure 1, one PNG (and PDF) per env x regime: the t-SNE of the lowest seed's trial that learned agent
+    factors (PerSim's), copied from MLflow."""
     first: dict[tuple[str, str], dict] = {}
     for record in sorted(records, key=lambda r: r["seed"]):
-        if record["algo"] == "persim":
+        if has_factor_probe(record["metrics"]):
             first.setdefault((record["env"], record["regime"]), record)
     figures = []
     for (env, regime), record in sorted(first.items()):
