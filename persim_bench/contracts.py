@@ -197,7 +197,7 @@ class Algorithm(Generic[S]):
     needs_data: bool = True                     # False: one trial per env x seed, regime "none"
     action_spaces: tuple[str, ...] = ("discrete", "continuous")
     cost: CostFn | None = None                  # --dry-run refuses an algorithm without one
-    # ``persim-bench evaluate``: reload the saved model file (path, device) and evaluate it again.
+    # ``persim-bench evaluate``: reload the saved model (its folder, device) and evaluate it again.
     reload: Callable[[Path, str], Any] | None = None
     evaluate: Callable[[Any, Trial, S, TrialContext], TrialOutput] | None = None
     pre_stage: PreStage | None = None           # a stage of its own before main (PerSim: rank_cv)

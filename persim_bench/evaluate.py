@@ -256,12 +256,20 @@ def model_cost(model: CountingModel, family: EnvFamily, costs: dict) -> dict:
     return figures
 
 
+MODEL_FILE = "model.pt"
+
+
 def save_model(model, ctx: TrialContext) -> Path:
     """The trained model into the trial's folder (``model/model.pt``); list it in ``TrialOutput.models``."""
-    path = ctx.work_dir / "model" / "model.pt"
+    path = ctx.work_dir / "model" / MODEL_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     model.save(path)
     return path
+
+
+def saved_model_loader(model_class) -> Callable[[Path, str], object]:
+    """``Algorithm.reload`` of a model ``save_model`` wrote: (its folder, device) -> the model."""
+    return lambda folder, device: model_class.load(Path(folder) / MODEL_FILE, device)
 
 
 def load_trial_data(trial: Trial, ctx: TrialContext, costs: dict) -> Transitions:

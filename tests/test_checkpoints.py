@@ -81,3 +81,38 @@ def test_a_checkpoint_is_built_only_when_due_and_always_at_the_end():
     assert saved == [{"n": 1}] and len(built) == 1  # the last epoch's, and no state built before
     Checkpoints().offer(state, last=True)  # no saver (outside a trial): nothing happens
     assert len(built) == 1
+
+
+def test_d3rlpy_policies_resume_past_what_they_finished(tmp_path):
+    """BCQ-A, two per-agent policies: resumed mid-way through the second, the first is restored as it was
+    and the second continues from its epoch; a policy saved to files reloads to the same actions."""
+    from persim_bench.algos.bcq import BCQSpec, act_with_more_samples, make_bcq
+    from persim_bench.algos.d3rlpy_common import D3rlpyPolicy, fit_policies, load_policies, load_weights, save_policies
+    from persim_bench.data.formats import to_mdp_dataset
+
+    data = cartpole_data()
+    spec = BCQSpec(steps=30, steps_per_epoch=10, discrete_hidden=[16], act_samples=5)
+    saved = []
+
+    def fit(checkpoints, epochs):
+        return fit_policies(data, make_bcq, spec, 0, tmp_path, "bcq_a", [0, 1],
+                            on_epoch=lambda epoch, m: epochs.append(epoch), before_acting=act_with_more_samples,
+                            checkpoint=checkpoints)
+
+    whole_epochs, resumed_epochs = [], []
+    whole, _ = fit(Checkpoints(save=lambda state: saved.append(through_disk(state)), every_seconds=0.0), whole_epochs)
+    mid_second = next(state for state in saved if state.get("policy") == "agent1" and state["epoch"] == 0)
+    assert set(mid_second["done"]) == {"agent0"}
+    resumed, _ = fit(Checkpoints(resume=mid_second), resumed_epochs)
+    assert whole_epochs == [1, 2, 3, 4, 5, 6] and resumed_epochs == [5, 6]  # agent 1's epochs 2 and 3 only
+    probe = torch.as_tensor(data.obs[:16]).numpy()
+    assert (resumed.algos[0].predict(probe) == whole.algos[0].predict(probe)).all()
+
+    files = save_policies(whole, tmp_path / "model")
+    assert sorted(path.name for path in files) == ["agent0.d3rlpy", "agent1.d3rlpy"]
+    algos = {}
+    for label, weights in load_policies(tmp_path / "model", "cpu").items():
+        algos[int(label.removeprefix("agent"))] = algo = make_bcq(spec, True, "cpu")
+        load_weights(algo, to_mdp_dataset(data, [int(label.removeprefix("agent"))]), weights)
+    again = D3rlpyPolicy("cartpole", algos, 0)
+    assert all((again.algos[a].predict(probe) == whole.algos[a].predict(probe)).all() for a in (0, 1))

@@ -73,12 +73,14 @@ def test_every_algorithm_fits_and_scores_every_test_agent_and_repeats_itself(nam
         assert costs["model_rows"] > 0
         assert (costs.get("model_macs_per_second", 0) > 0) == algo.learns_dynamics
     if algo.reload:  # what it saved reloads and evaluates to the same numbers
-        (saved,) = runs[-1].models
-        again = algo.evaluate(algo.reload(saved, "cpu"), trial, algorithm_spec(grid, trial), ctx).metrics
+        folder = runs[-1].models[0].parent
+        assert {path.parent for path in runs[-1].models} == {folder}
+        again = algo.evaluate(algo.reload(folder, "cpu"), trial, algorithm_spec(grid, trial), ctx).metrics
     for a in TEST_AGENTS:
         assert math.isfinite(first[f"reward_agent{a}"])
         if algo.learns_dynamics:
             assert math.isfinite(first[f"rmse_agent{a}"])
+    assert bool(algo.reload) == (algo.learns_dynamics or algo.needs_data)  # every trained model can be reloaded
     scores = sorted(k for k in first if k.startswith(("reward_agent", "rmse_agent", "r2_agent")))
     assert [first[k] for k in scores] == [again[k] for k in scores]  # same seed, same result
 

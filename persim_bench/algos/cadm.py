@@ -29,7 +29,7 @@ from persim_bench.costmodel import (CADM_STEP_SECONDS, LAYER_SECONDS, STEP_SECON
                                     evaluation_seconds)
 from persim_bench.data.dataset import Transitions
 from persim_bench.envs import get_env
-from persim_bench.evaluate import evaluate_model, load_trial_data, save_model
+from persim_bench.evaluate import evaluate_model, load_trial_data, save_model, saved_model_loader
 from persim_bench.specs import NonEmptyList, PositiveInt, Strict
 
 if TYPE_CHECKING:
@@ -426,7 +426,7 @@ def cadm_trial_seconds(grid: "Grid", trial: Trial, rows: int, rate: float) -> fl
 
 ALGORITHMS = [
     Algorithm("cadm_vanilla", "Vanilla CaDM", run_cadm, "cadm", CadmSpec, learns_dynamics=True, plans=True,
-              cost=cadm_trial_seconds, reload=CadmModel.load, evaluate=evaluate_cadm),
+              cost=cadm_trial_seconds, reload=saved_model_loader(CadmModel), evaluate=evaluate_cadm),
     Algorithm("cadm_pets", "PE-TS CaDM", run_cadm, "cadm", CadmSpec, learns_dynamics=True, plans=True,
-              cost=cadm_trial_seconds, reload=CadmModel.load, evaluate=evaluate_cadm),
+              cost=cadm_trial_seconds, reload=saved_model_loader(CadmModel), evaluate=evaluate_cadm),
 ]

@@ -24,7 +24,7 @@ import numpy as np
 import structlog
 from pydantic import model_validator
 
-from persim_bench.contracts import Algorithm, Trial, TrialContext, TrialOutput
+from persim_bench.contracts import Algorithm, Checkpoints, Trial, TrialContext, TrialOutput
 from persim_bench.costmodel import ACT_SECONDS, STEP_SECONDS, env_step_seconds, mlp_seconds
 from persim_bench.data.dataset import Transitions
 from persim_bench.data.formats import seeded, to_mdp_dataset
@@ -92,8 +92,8 @@ class D3rlpyPolicy:
 
 def fit_policies(data: Transitions, make: MakeAlgo, spec: OfflinePolicySpec, seed: int, work_dir: Path, name: str,
                  agents: list[int] | None = None, on_epoch: Callable[[int, dict], None] | None = None,
-                 device: str = "cpu", before_acting: Callable[[Any, Any], None] | None = None
-                 ) -> tuple[D3rlpyPolicy, dict]:
+                 device: str = "cpu", before_acting: Callable[[Any, Any], None] | None = None,
+                 checkpoint: Checkpoints | None = None) -> tuple[D3rlpyPolicy, dict]:
     """One policy on all rows (``agents`` None) or one per listed agent on its own rows.
 
     Policies train one after the other, spec.steps gradient steps each. ``on_epoch(epoch, metrics)``
@@ -101,8 +101,11 @@ def fit_policies(data: Transitions, make: MakeAlgo, spec: OfflinePolicySpec, see
     policies and, per agent, the ``agent``. Every agent is checked for data before any training.
     A policy's training depends only on (seed, agent), not on which other agents are fitted.
     ``before_acting(algo, spec)`` adjusts a fitted algorithm for acting (BCQ's sample count).
-    Returns the policy and the final epoch's metrics (suffixed ``_agent<a>`` per agent),
-    ``transitions`` and ``fit_seconds``.
+    ``checkpoint`` gets the weights of the finished policies and of the one in training after each
+    epoch; resumed from one, finished policies are restored and the current one continues from its
+    epoch (d3rlpy's own sampling restarts from the seed there: close to, not bit for bit, the
+    uninterrupted fit). Returns the policy and the final epoch's metrics (suffixed ``_agent<a>`` per
+    agent), ``transitions`` and ``fit_seconds``.
     """
     started = time.perf_counter()
     if agents is not None and not agents:
@@ -111,20 +114,87 @@ def fit_policies(data: Transitions, make: MakeAlgo, spec: OfflinePolicySpec, see
     datasets = {key: to_mdp_dataset(data, None if key is None else [key]) for key in groups}
     discrete = get_env(data.env).discrete
     epochs = spec.steps // spec.steps_per_epoch
+    resume = (checkpoint.resume if checkpoint else None) or {"done": {}, "metrics": {}}
+    done, done_metrics = dict(resume["done"]), dict(resume["metrics"])
     algos, final = {}, {"transitions": sum(d.transition_count for d in datasets.values())}
     for k, key in enumerate(groups):
-        report = on_epoch and functools.partial(_report_epoch, on_epoch, k * epochs, key)
-        seed_key = (1,) if key is None else (2, key)
-        run_name = name if key is None else f"{name}_agent{key}"
+        label = policy_key(key)
         algo = make(spec, discrete, device)
-        metrics = _fit_one(algo, datasets[key], spec, stream(seed, *seed_key), Path(work_dir) / LOG_DIR, run_name,
-                           report)
+        if label in done:  # finished before the restart
+            load_weights(algo, datasets[key], done[label])
+            metrics = done_metrics[label]
+        else:
+            first = 0
+            if resume.get("policy") == label:
+                load_weights(algo, datasets[key], resume["weights"])
+                first = resume["epoch"] + 1  # epochs done (the state holds the last one's index, from 0)
+
+            def offer(epoch: int, metrics: dict) -> None:
+                if checkpoint:
+                    checkpoint.offer(lambda: {"done": done, "metrics": done_metrics, "policy": label,
+                                              "epoch": epoch - 1, "weights": weights_of(algo)})
+
+            report = functools.partial(_report_epoch, on_epoch, k * epochs, key) if on_epoch else None
+            seed_key = (1,) if key is None else (2, key)
+            run_name = name if key is None else f"{name}_agent{key}"
+            metrics = _fit_one(algo, datasets[key], spec, stream(seed, *seed_key), Path(work_dir) / LOG_DIR, run_name,
+                               report, first, offer)
+            done[label], done_metrics[label] = weights_of(algo), metrics
+            if checkpoint:  # a restart after this point refits none of the policies so far
+                checkpoint.offer(lambda: {"done": done, "metrics": done_metrics}, last=k == len(groups) - 1)
         if before_acting:
             before_acting(algo, spec)
         algos[key] = algo
         final.update(metrics if key is None else {f"{m}_agent{key}": v for m, v in metrics.items()})
     policy = D3rlpyPolicy(data.env, algos, stream(seed, 0))
     return policy, {**final, "fit_seconds": time.perf_counter() - started}
+
+
+def save_policies(policy: D3rlpyPolicy, folder: Path) -> list[Path]:
+    """Each trained policy's learnables as ``<folder>/<all|agent<a>>.d3rlpy`` (d3rlpy's own save)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for key, algo in policy.algos.items():
+        path = folder / f"{policy_key(key)}.d3rlpy"
+        path.write_bytes(weights_of(algo))
+        paths.append(path)
+    return paths
+
+
+def load_policies(folder: Path, device: str) -> dict[str, bytes]:
+    """What ``save_policies`` wrote: policy name -> its learnables (rebuilt by the entry's ``evaluate``)."""
+    saved = {path.stem: path.read_bytes() for path in sorted(Path(folder).glob("*.d3rlpy"))}
+    if not saved:
+        raise FileNotFoundError(f"{folder}: no saved d3rlpy policies (*.d3rlpy)")
+    return saved
+
+
+def policy_key(key: int | None) -> str:
+    """A policy's name in checkpoints and saved models: ``all`` (pooled) or ``agent<a>``."""
+    return "all" if key is None else f"agent{key}"
+
+
+def weights_of(algo) -> bytes:
+    """A fitted d3rlpy algorithm's learnables (networks and optimisers), through d3rlpy's own save."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="persim-d3rlpy-") as folder:
+        algo.save_model(str(Path(folder) / "weights.pt"))
+        return (Path(folder) / "weights.pt").read_bytes()
+
+
+def load_weights(algo, dataset, weights: bytes) -> None:
+    """Build ``algo`` for the ``dataset`` it was fitted on (networks, and scalers fitted to it, as d3rlpy's
+    fit does) and load saved learnables into it (d3rlpy's load)."""
+    import tempfile
+
+    from d3rlpy.algos.utility import build_scalers_with_transition_picker
+
+    build_scalers_with_transition_picker(algo, dataset)  # as d3rlpy's fitter does, before the networks
+    algo.build_with_dataset(dataset)
+    with tempfile.TemporaryDirectory(prefix="persim-d3rlpy-") as folder:
+        (Path(folder) / "weights.pt").write_bytes(weights)
+        algo.load_model(str(Path(folder) / "weights.pt"))
 
 
 def _report_epoch(on_epoch: Callable[[int, dict], None], offset: int, agent: int | None, epoch: int,
@@ -139,19 +209,24 @@ def stream(seed: int, *key: int) -> int:
 
 
 def _fit_one(algo, dataset, spec: OfflinePolicySpec, seed: int, log_root: Path, name: str,
-             on_epoch: Callable[[int, dict], None] | None) -> dict:
+             on_epoch: Callable[[int, dict], None] | None, first_epoch: int = 0,
+             after_epoch: Callable[[int, dict], None] | None = None) -> dict:
+    """Fit ``algo`` from ``first_epoch`` (its weights already loaded when > 0) to spec.steps gradient steps."""
     from d3rlpy.logging import FileAdapterFactory
 
     epochs = spec.steps // spec.steps_per_epoch
-    shutil.rmtree(log_root / name, ignore_errors=True)  # a rerun would append to the old CSVs
+    if first_epoch == 0:
+        shutil.rmtree(log_root / name, ignore_errors=True)  # a rerun would append to the old CSVs
     metrics: dict = {}
-    with seeded(seed):
+    with seeded(seed if first_epoch == 0 else stream(seed, first_epoch)):
         for epoch, metrics in algo.fitter(
-                dataset, n_steps=spec.steps, n_steps_per_epoch=spec.steps_per_epoch, experiment_name=name,
-                with_timestamp=False, logger_adapter=FileAdapterFactory(root_dir=str(log_root)), show_progress=False,
-                save_interval=epochs + 1):  # no weight files: the policy is evaluated in this process
+                dataset, n_steps=(epochs - first_epoch) * spec.steps_per_epoch, n_steps_per_epoch=spec.steps_per_epoch,
+                experiment_name=name, with_timestamp=False, logger_adapter=FileAdapterFactory(root_dir=str(log_root)),
+                show_progress=False, save_interval=epochs + 1):  # no weight files: they are saved as we need them
             if on_epoch:
-                on_epoch(epoch, dict(metrics))
+                on_epoch(first_epoch + epoch, dict(metrics))
+            if after_epoch:
+                after_epoch(first_epoch + epoch, metrics)
     return {key: float(value) for key, value in metrics.items()}
 
 
@@ -203,16 +278,30 @@ def offline_policy_entries(prefix: str, label: str, spec: type, make: MakeAlgo, 
             policy, fit_metrics = fit_policies(
                 load_trial_data(trial, ctx, costs), make, spec, trial.seed, ctx.work_dir, trial.algo,
                 agents, on_epoch=lambda epoch, m: ctx.report({"stage": "fit", "epoch": epoch, **m}),
-                device=ctx.device, before_acting=before_acting)
-            return TrialOutput(fit_metrics, costs) | score_policy(policy.act, trial, ctx,
-                                                                 ctx.evaluation.policy_reward_episodes)
+                device=ctx.device, before_acting=before_acting, checkpoint=ctx.checkpoints)
+            fitted = TrialOutput(fit_metrics, costs, models=save_policies(policy, ctx.work_dir / "model"))
+            return fitted | score_policy(policy.act, trial, ctx, ctx.evaluation.policy_reward_episodes)
+
+        def evaluate(saved: dict[str, bytes], trial: Trial, spec: OfflinePolicySpec, ctx: TrialContext) -> TrialOutput:
+            """``persim-bench evaluate``: the saved policies rebuilt on their data (d3rlpy's load) and scored again."""
+            costs: dict = {}
+            data, algos = load_trial_data(trial, ctx, costs), {}
+            for label, weights in saved.items():
+                key = None if label == "all" else int(label.removeprefix("agent"))
+                algos[key] = make(spec, get_env(trial.env).discrete, ctx.device)
+                load_weights(algos[key], to_mdp_dataset(data, None if key is None else [key]), weights)
+                if before_acting:
+                    before_acting(algos[key], spec)
+            policy = D3rlpyPolicy(trial.env, algos, stream(trial.seed, 0))
+            return TrialOutput(costs=costs) | score_policy(policy.act, trial, ctx, ctx.evaluation.policy_reward_episodes)
 
         def seconds(grid: "Grid", trial: Trial, rows: int, rate: float) -> float:
             policies = len(grid.evaluation.test_agents) if per_agent else 1
             return cost.trial_seconds(grid, prefix, trial.env, policies, rate)
 
         suffix = "a" if per_agent else "p"
-        return Algorithm(f"{prefix}_{suffix}", f"{label}-{suffix.upper()}", run, prefix, spec,
+        return Algorithm(f"{prefix}_{suffix}", f"{label}-{suffix.upper()}", run, prefix, spec, reload=load_policies,
+                         evaluate=evaluate,
                          action_spaces=action_spaces, cost=seconds)
 
     return [entry(False), entry(True)]

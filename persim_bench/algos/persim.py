@@ -30,7 +30,7 @@ from persim_bench.contracts import AgentFactors, Algorithm, Checkpoints, PreStag
 from persim_bench.costmodel import STEP_SECONDS, TRAIN, Dynamics, evaluation_seconds, mlp_seconds
 from persim_bench.data.dataset import Transitions
 from persim_bench.envs import get_env
-from persim_bench.evaluate import evaluate_model, load_trial_data, save_model
+from persim_bench.evaluate import evaluate_model, load_trial_data, save_model, saved_model_loader
 from persim_bench.specs import DistinctList, PositiveInt, Strict, known_env_keys, per_env
 
 if TYPE_CHECKING:
@@ -402,5 +402,5 @@ def rank_cv_trial_seconds(grid: "Grid", trial: Trial, rows: int, rate: float) ->
 RANK_CV = PreStage("rank_cv", rank_cv_trials, cross_validate_rank, rank_cv_trial_seconds, pick_ranks, picks="rank",
                    dearest=lambda grid: max(grid.persim.rank_grid), metric="val_loss", mode="min")
 ALGORITHMS = [Algorithm("persim", "PerSim", run_persim, "persim", PersimSpec, learns_dynamics=True, plans=True,
-                        cost=persim_trial_seconds, reload=PerSimEnsemble.load, evaluate=evaluate_persim,
+                        cost=persim_trial_seconds, reload=saved_model_loader(PerSimEnsemble), evaluate=evaluate_persim,
                         pre_stage=RANK_CV, main_trials=persim_main_trials)]

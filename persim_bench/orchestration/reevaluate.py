@@ -56,7 +56,7 @@ def evaluate_run(run_id: str, results: Path, tracking_uri: str, episodes: int | 
         grid = grid.model_copy(update={"evaluation": grid.evaluation.model_copy(update=overrides)})
         model_dir = mlflow.artifacts.download_artifacts(artifact_uri=saved.artifact_location,
                                                         dst_path=str(scratch / "model"), tracking_uri=tracking_uri)
-        model = algo.reload(Path(model_dir) / "model.pt", "cpu")
+        model = algo.reload(Path(model_dir), "cpu")
         ctx = trial_context(grid, trial, data_root(results, grid.name), policy_root(results), scratch / "work")
         started = time.perf_counter()
         output = algo.evaluate(model, trial, algorithm_spec(grid, trial), ctx)
