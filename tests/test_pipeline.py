@@ -58,16 +58,16 @@ def test_run_logs_every_trial_under_one_parent_and_writes_tables(ray_cluster, wr
     for run in children:
         assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert run.info.status == "FINISHED"
-        assert "reward_agent0" in run.data.metrics and run.data.params["env"] == "cartpole"
+        assert "reward/agent0" in run.data.metrics and run.data.params["env"] == "cartpole"
     persim = next(r for r in children if r.data.tags["algo"] == "persim")
-    assert "rmse_agent4" in persim.data.metrics and persim.data.params["persim.rank"] == "2"
+    assert "rmse/agent4" in persim.data.metrics and persim.data.params["persim.rank"] == "2"
     assert persim.data.tags["prediction_policy"].startswith("dqn-test:test-0-")
 
     cadm = next(r for r in children if r.data.tags["algo"] == "cadm_pets")
-    assert "rmse_agent0" in cadm.data.metrics and cadm.data.params["cadm.pets_particles"] == "4"
+    assert "rmse/agent0" in cadm.data.metrics and cadm.data.params["cadm.pets_particles"] == "4"
     bcq = next(r for r in children if r.data.tags["algo"] == "bcq_a")
-    assert bcq.data.metrics["transitions"] > 0 and any(k.endswith("_agent4") and "reward" not in k for k in bcq.data.metrics)
-    assert "rmse_agent0" not in bcq.data.metrics
+    assert bcq.data.metrics["transitions"] > 0 and any(k.endswith("/agent4") and "reward" not in k for k in bcq.data.metrics)
+    assert "rmse/agent0" not in bcq.data.metrics
     assert "planner.horizon" not in bcq.data.params and bcq.data.params["bcq.steps"] == "20"
 
     table = (results / "tiny-pipeline" / "reward_cartpole.md").read_text()
@@ -93,11 +93,11 @@ def test_run_logs_every_trial_under_one_parent_and_writes_tables(ray_cluster, wr
     with open(report / "paper_reward.csv") as f:
         rows = list(csv.DictReader(f))
     persim_cell = next(r for r in rows if r["method"] == "PerSim" and r["agent"] == "0" and r["regime"] == "random")
-    assert float(persim_cell["ours"]) == pytest.approx(persim.data.metrics["reward_agent0"], rel=1e-3)
+    assert float(persim_cell["ours"]) == pytest.approx(persim.data.metrics["reward/agent0"], rel=1e-3)
     assert persim_cell["paper"].startswith("178.4") and persim_cell["paper table"] == "6/13"  # the paper's cell
     assert {"report/report.md", "report/claims.csv"} <= {a.path for a in client.list_artifacts(
         parents[0].info.run_id, "report")}
-    assert "probe_r2_length" in persim.data.metrics and "seconds_fit" in persim.data.metrics
+    assert "probe_r2/length" in persim.data.metrics and "seconds/fit" in persim.data.metrics
     assert (tmp_path / "results" / "ray").is_dir()  # Tune's storage under results/
     assert (results / "mlartifacts" / "persim-bench-tiny-pipeline").is_dir()  # artifacts too, not ./mlruns
 

@@ -66,8 +66,8 @@ def test_trained_models_are_logged_models_that_evaluate_again(finished):
     original = runs["persim-cartpole-random-r2-s0"]
     new_id, metrics = evaluate_run(original.info.run_id, results, f"sqlite:///{results / 'mlflow.db'}", episodes=1)
     # the same model, seed and settings: the same numbers as the trial measured
-    assert metrics["reward_agent0"] == original.data.metrics["reward_agent0"]
-    assert metrics["rmse_agent0"] == pytest.approx(original.data.metrics["rmse_agent0"], rel=1e-5)
+    assert metrics["reward_agent0"] == original.data.metrics["reward/agent0"]
+    assert metrics["rmse_agent0"] == pytest.approx(original.data.metrics["rmse/agent0"], rel=1e-5)
     again = client.get_run(new_id)
     assert again.data.tags["persim_bench.evaluates"] == original.info.run_id and "trial" not in again.data.tags
     _, narrowed = evaluate_run(runs["cadm-vanilla-cartpole-random-s0"].info.run_id, results,
@@ -123,3 +123,22 @@ def test_trials_starting_together_all_log_their_shared_dataset(tmp_path, attempt
     assert not errors
     client = MlflowClient(uri)
     assert all(client.get_run(r).inputs.dataset_inputs[0].dataset.digest == "d7efb22967a0" for r in run_ids)
+
+
+def test_metric_names_are_grouped_in_mlflow_and_read_back_under_either_naming():
+    from types import SimpleNamespace
+
+    from persim_bench.orchestration.tracking import metric_name, mlflow_metric_name, run_metrics
+
+    grouped = {"reward_agent0": "reward/agent0", "reward_std_agent3": "reward_std/agent3", "rmse_mean": "rmse/mean",
+               "reward_mean": "reward/mean", "r2_agent4": "r2/agent4", "episode_returns_agent1": "episode_returns/agent1",
+               "seconds_fit": "seconds/fit", "seconds_total": "seconds/total", "model_macs_per_second":
+               "model/macs_per_second", "probe_r2_gravity": "probe_r2/gravity", "train_loss": "loss/train",
+               "val_loss": "loss/val", "critic_loss_agent2": "critic_loss/agent2", "loss": "loss", "lr": "lr",
+               "fit_seconds": "fit_seconds", "transitions": "transitions", "agent_loss": "loss/agent"}
+    assert {name: mlflow_metric_name(name) for name in grouped} == grouped
+    assert {key: metric_name(key) for key in grouped.values()} == {key: name for name, key in grouped.items()}
+    assert metric_name("fit/train_loss") == "fit/train_loss"  # live curves keep their key
+    new = SimpleNamespace(data=SimpleNamespace(metrics={"reward/agent0": 1.0, "loss/val": 0.5}))
+    old = SimpleNamespace(data=SimpleNamespace(metrics={"reward_agent0": 1.0, "val_loss": 0.5}))
+    assert run_metrics(new) == run_metrics(old) == {"reward_agent0": 1.0, "val_loss": 0.5}

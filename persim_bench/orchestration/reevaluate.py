@@ -18,7 +18,7 @@ from persim_bench.config import Grid
 from persim_bench.data.dataset import data_root, policy_root
 from persim_bench.errors import TrackingError
 from persim_bench.orchestration.provenance import provenance_tags
-from persim_bench.orchestration.tracking import GRID_ARTIFACT, trial_of_run
+from persim_bench.orchestration.tracking import GRID_ARTIFACT, mlflow_metric_name, trial_of_run
 from persim_bench.orchestration.trials import algorithm_spec, trial_context
 
 
@@ -69,6 +69,6 @@ def evaluate_run(run_id: str, results: Path, tracking_uri: str, episodes: int | 
     now = int(time.time() * 1000)
     numbers = {k: float(v) for k, v in {**output.metrics, **output.costs}.items() if isinstance(v, (int, float))}
     numbers["seconds_total"] = time.perf_counter() - started
-    client.log_batch(new.info.run_id, metrics=[Metric(k, v, now, 0) for k, v in numbers.items()])
+    client.log_batch(new.info.run_id, metrics=[Metric(mlflow_metric_name(k), v, now, 0) for k, v in numbers.items()])
     client.set_terminated(new.info.run_id, "FINISHED")
     return new.info.run_id, numbers

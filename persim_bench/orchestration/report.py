@@ -23,7 +23,7 @@ from persim_bench.analysis.factors import has_factor_probe
 from persim_bench.analysis.tabular import png_to_pdf, write_table
 from persim_bench.orchestration.guard import inside
 from persim_bench.orchestration.tables import dataset_summaries, method_labels
-from persim_bench.orchestration.tracking import grid_experiment, latest_trial_runs, newest_parent_run
+from persim_bench.orchestration.tracking import grid_experiment, latest_trial_runs, metric_name, newest_parent_run, run_metrics
 
 RANDOM_EPISODES = 20  # per test agent, for the random policy's reference return
 
@@ -35,10 +35,10 @@ def trial_records(client, runs: list) -> list[dict]:
         tags = run.data.tags
         if run.info.status != "FINISHED" or tags.get("stage") != "main" or run.data.params.get("rank_source") == "sweep":
             continue
-        metrics = dict(run.data.metrics)
-        for key in [k for k in metrics if k.startswith("episode_returns_agent")]:
+        metrics = run_metrics(run)
+        for key in [k for k in run.data.metrics if metric_name(k).startswith("episode_returns_agent")]:
             history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
-            metrics[key] = [m.value for m in history]
+            metrics[metric_name(key)] = [m.value for m in history]
         records.append({"algo": tags["algo"], "env": tags["env"], "regime": tags["regime"], "seed": int(tags["seed"]),
                         "metrics": metrics, "run_id": run.info.run_id})
     return records

@@ -129,7 +129,7 @@ def choose(grid: Grid, pre_stage: PreStage, client, experiment_id: str, parent_r
     runs = client.search_runs([experiment_id], max_results=50000,
                               filter_string=f"tags.stage = '{pre_stage.name}' and "
                                             f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
-    finished = [(tracking.trial_of_run(run), dict(run.data.metrics)) for run in runs if run.info.status == "FINISHED"]
+    finished = [(tracking.trial_of_run(run), tracking.run_metrics(run)) for run in runs if run.info.status == "FINISHED"]
     picks = pre_stage.choose(finished, grid)
     params = [Param(f"{pre_stage.picks}.{env}.{regime}.s{seed}", str(value))
               for (env, regime, seed), value in picks.items()]

@@ -28,7 +28,7 @@ from persim_bench.data.generate import dataset_plan
 from persim_bench.data.policies import policy_label
 from persim_bench.envs import get_env
 from persim_bench.orchestration.guard import inside
-from persim_bench.orchestration.tracking import grid_experiment, latest_trial_runs, newest_parent_run
+from persim_bench.orchestration.tracking import grid_experiment, latest_trial_runs, newest_parent_run, run_metrics
 from persim_bench.specs import REGIMES
 
 
@@ -60,7 +60,7 @@ def trial_record(run) -> TrialRecord:
     return TrialRecord(trial=tags.get("trial", ""), status=run.info.status, stage=tags.get("stage"),
                        algo=tags.get("algo"), env=tags.get("env"), regime=tags.get("regime"),
                        rank=int(params["rank"]) if "rank" in params else None, rank_source=params.get("rank_source"),
-                       error=tags.get("error"), metrics=dict(run.data.metrics))
+                       error=tags.get("error"), metrics=run_metrics(run))
 
 
 def cost_records(runs: list, grid: Grid, data_root: Path, rate: float) -> list[CostRecord]:
@@ -72,7 +72,7 @@ def cost_records(runs: list, grid: Grid, data_root: Path, rate: float) -> list[C
     records = []
     for run in runs:
         tags = run.data.tags
-        if not (run.info.status == "FINISHED" and tags.get("stage") == "main" and "seconds_total" in run.data.metrics):
+        if not (run.info.status == "FINISHED" and tags.get("stage") == "main" and "seconds_total" in run_metrics(run)):
             continue
         algo = tags["algo"]
         cost = ALGORITHMS[algo].cost if algo in ALGORITHMS else None
@@ -83,7 +83,7 @@ def cost_records(runs: list, grid: Grid, data_root: Path, rate: float) -> list[C
             estimated = cost(grid, trial, manifest_rows(trial.env, trial.regime), rate)
         records.append(CostRecord(algo=algo, env=tags["env"], cpus=grid.trial_resources(algo).cpu,
                                   estimated_seconds=estimated, device=tags.get("device", "cpu"),
-                                  metrics=dict(run.data.metrics)))
+                                  metrics=run_metrics(run)))
     return records
 
 
@@ -123,7 +123,7 @@ def rank_cv_losses(runs: list) -> dict[tuple[str, str, int], dict[int, float]]:
     for run in runs:
         if run.data.tags.get("stage") == "rank_cv" and run.info.status == "FINISHED":
             key = run.data.tags["env"], run.data.tags["regime"], int(run.data.tags["seed"])
-            losses[key][int(run.data.params["rank"])] = run.data.metrics["val_loss"]
+            losses[key][int(run.data.params["rank"])] = run_metrics(run)["val_loss"]
     return losses
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from pathlib import Path
 
@@ -55,6 +56,45 @@ def trial_params(grid: dict, trial: Trial) -> dict:
     own = {k: v for k, v in trial.as_dict().items() if k != "name" and v is not None}
     params = flatten("", {**own, **sections}, {})
     return {k: str(v)[:500] for k, v in params.items()}
+
+
+# Metric names in MLflow are grouped by kind, so its compare view and charts put them together:
+# reward/agent0, reward/mean, rmse/agent0, r2/agent0, seconds/fit, model/rows, probe_r2/gravity, loss/train,
+# fit/<metric> (training curves, step = epoch). Inside the package (trials' outputs, Tune, analysis) the
+# flat names stay: reward_agent0, seconds_fit, train_loss. Runs recorded before the grouping hold the flat
+# names, which read back unchanged.
+_PER_AGENT = re.compile(r"(?P<kind>.+)_agent(?P<agent>\d+)")
+_MEANS = ("reward", "rmse", "r2")
+_PREFIXED = ("seconds", "model", "probe_r2")
+
+
+def mlflow_metric_name(name: str) -> str:
+    """A trial's metric as MLflow records it: ``reward_agent0`` -> ``reward/agent0``, ``train_loss`` -> ``loss/train``."""
+    if match := _PER_AGENT.fullmatch(name):
+        return f"{match['kind']}/agent{match['agent']}"
+    if name.removesuffix("_mean") in _MEANS and name.endswith("_mean"):
+        return f"{name.removesuffix('_mean')}/mean"
+    for prefix in _PREFIXED:
+        if name.startswith(f"{prefix}_"):
+            return f"{prefix}/{name.removeprefix(f'{prefix}_')}"
+    if name.endswith("_loss"):
+        return f"loss/{name.removesuffix('_loss')}"
+    return name
+
+
+def metric_name(key: str) -> str:
+    """The package's name of an MLflow metric key (the inverse of ``mlflow_metric_name``; flat keys unchanged)."""
+    group, grouped, rest = key.partition("/")
+    if not grouped or group == "fit":
+        return key
+    if rest.startswith("agent") and rest.removeprefix("agent").isdigit():
+        return f"{group}_{rest}"
+    return f"{rest}_loss" if group == "loss" else f"{group}_{rest}"
+
+
+def run_metrics(run) -> dict[str, float]:
+    """A run's latest metric values under the package's names, whichever naming the run was recorded with."""
+    return {metric_name(key): value for key, value in run.data.metrics.items()}
 
 
 def trial_of_run(run) -> Trial:

@@ -21,7 +21,7 @@ from persim_bench.data.generate import dataset_plan
 from persim_bench.data.policies import prediction_policy_path
 from persim_bench.envs import get_env
 from persim_bench.orchestration.provenance import dataset_input, log_dataset_input, log_trained_model, provenance_tags
-from persim_bench.orchestration.tracking import find_trial_run, trial_params
+from persim_bench.orchestration.tracking import find_trial_run, mlflow_metric_name, run_metrics, trial_params
 
 MLFLOW_BATCH = 1000  # MLflow refuses more metrics per log_batch call
 CHECKPOINT_FILE = "state.pt"
@@ -190,7 +190,7 @@ def run_trial(config: dict, context: RunContext) -> None:
     client = MlflowClient(context.tracking_uri)
     earlier = find_trial_run(client, context.experiment_id, context.parent_run_id, trial.name)
     if earlier is not None and earlier.info.status == "FINISHED":
-        tune.report({**earlier.data.metrics, "stage": "done", "reused": 1, "mlflow_run_id": earlier.info.run_id})
+        tune.report({**run_metrics(earlier), "stage": "done", "reused": 1, "mlflow_run_id": earlier.info.run_id})
         return
     if earlier is not None and earlier.info.status == "FAILED" and earlier.data.tags.get("session") == context.session:
         # Tune restarts an errored trial as if its node were lost: our own code's error stays an error.
@@ -233,9 +233,9 @@ def run_trial(config: dict, context: RunContext) -> None:
     metrics = {**output.metrics, **cost_metrics(output.costs, time.perf_counter() - started)}
     now = int(time.time() * 1000)
     numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-    history = [Metric(k, float(v), now, step) for k, values in metrics.items() if isinstance(values, list)
-               for step, v in enumerate(values)]  # curves and per-episode returns, e.g. rank_cv's loss per epoch
-    logged = [Metric(k, v, now, 0) for k, v in numbers.items()] + history
+    history = [Metric(mlflow_metric_name(k), float(v), now, step) for k, values in metrics.items()
+               if isinstance(values, list) for step, v in enumerate(values)]  # e.g. every episode's return
+    logged = [Metric(mlflow_metric_name(k), v, now, 0) for k, v in numbers.items()] + history
     for start in range(0, len(logged), MLFLOW_BATCH):
         client.log_batch(run_id, metrics=logged[start:start + MLFLOW_BATCH])
     for key, value in metrics.items():
