@@ -203,3 +203,11 @@ def test_tables_label_methods_with_the_registry_labels():
                             "metrics": {"reward_agent0": 150.0}} for algo in ("persim", "bcq_p")], n_boot=10,
                           labels=labels)
     assert {row[2] for row in report.tables["paper_reward"]["rows"]} == {"PerSim", "BCQ-P"}
+
+
+def test_algorithms_draw_nothing():
+    """A trial returns what it learned (e.g. agent factors); analysis draws it, called by the trial runner."""
+    graph = package_graph()
+    drawing = sorted(f"{m} -> {t}" for m, targets in graph.items() if m.startswith("persim_bench.algos")
+                     for t in targets if t.startswith("persim_bench.analysis"))
+    assert drawing == []
