@@ -16,24 +16,14 @@ import gymnasium
 import numpy as np
 
 from persim_bench.config import Grid
-from persim_bench.specs import per_env
 from persim_bench.envs import get_env
 from persim_bench.errors import BenchError
+from persim_bench.gpu_check import mpc_throughput_vs_matmul, timed
 
 
 # PerSim's rank in the model benchmarks (grids pick it by cross-validation): the paper's true
 # MountainCar rank, and the ranks this project first ran CartPole and HalfCheetah at.
 BENCH_RANK = {"mountaincar": 3, "cartpole": 5, "halfcheetah": 20}
-
-
-def timed(fn, repeats: int = 3) -> float:
-    """Best wall time of ``repeats`` calls: the least disturbed by other load on the machine."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def classic_batched_vs_gym_loop(env: str, n_agents: int, steps: int) -> dict:
@@ -245,70 +235,6 @@ def mpc_decision_latency(env: str, device: str = "cpu") -> dict:
     obs = family.batch(np.asarray([family.default_covariates])).reset(np.random.default_rng(0))
     seconds = timed(lambda: planner.act(obs, np.zeros(1, dtype=np.int64)))
     return {"what": f"{env}: one MPC decision, paper settings (PerSim M=5, {device})", "seconds": seconds}
-
-
-def synchronize(device: str) -> None:
-    """Wait for the device's queued work (GPU kernels run asynchronously; a CPU has nothing to wait for)."""
-    import torch
-
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def dense_matmul_flops_per_second(device: str, members: int = 5, width: int = 512, rows: int = 512,
-                                  repeats: int = 3) -> float:
-    """The device's dense float32 matmul rate at the planner's shapes: a batched [M, 512, 512] @ [M, 512, rows]
-    product into a preallocated output (the model's largest layer at its row-chunk size), best of ``repeats``."""
-    import torch
-
-    weight = torch.randn(members, width, width, device=device)
-    x, out = torch.randn(members, width, rows, device=device), torch.empty(members, width, rows, device=device)
-    calls = max(1, int(2e10 // (2 * members * width * width * rows)))  # about 20 GFLOP per timing
-
-    def run():
-        for _ in range(calls):
-            torch.bmm(weight, x, out=out)
-        synchronize(device)
-
-    run()
-    return calls * 2 * members * width * width * rows / timed(run, repeats)
-
-
-def mpc_throughput_vs_matmul(device: str = "cpu", episodes: int = 5, quick: bool = False) -> dict:
-    """The planner's model evaluations per second (rows x members) at paper HalfCheetah sizes, as a share of
-    the device's dense matmul rate: PerSim rank 20, state MLP (256, 512, 512), action MLP (256, 256), M = 5,
-    CEM with 200 candidates, horizon 30, 6 rounds (quick: 1 round, 1 episode).
-
-    Measured as whole decisions (``MPCPlanner.act``: sampling, model steps, reward, elites), so every
-    overhead of the planner counts against it; FLOPs are the model's matmuls (2 x in x out per layer and
-    row). The two timings alternate, best of each, to be fair on a noisy machine.
-    """
-    import torch
-
-    from persim_bench.algos.persim import PerSimEnsemble
-    from persim_bench.specs import PlannerSpec
-    from persim_bench.planning import MPCPlanner
-
-    family = get_env("halfcheetah")
-    episodes = 1 if quick else episodes
-    spec = PlannerSpec(iterations=0) if quick else PlannerSpec()
-    model = PerSimEnsemble("halfcheetah", 500, BENCH_RANK["halfcheetah"], 5, [256, 512, 512], [256, 256]).eval().to(device)
-    planner = MPCPlanner(family, model, spec, seed=0)
-    obs = np.random.default_rng(0).normal(size=(episodes, family.obs_dim)).astype(np.float32)
-    agent = np.arange(episodes, dtype=np.int64)
-    planner.act(obs, agent)  # warm-up; later decisions warm-start as in an episode
-    flops_per_row = sum(2 * p.shape[-1] * p.shape[-2] for n, p in model.named_parameters() if n.endswith("weight"))
-    rows = episodes * per_env(spec.candidates, "halfcheetah") * per_env(spec.horizon, "halfcheetah") \
-        * (spec.iterations + 1) * model.n_members
-    ours = limit = float("inf")
-    for _ in range(2 if quick else 3):
-        ours = min(ours, timed(lambda: planner.act(obs, agent), repeats=1))  # act returns host numpy: synchronised
-        limit = min(limit, rows * flops_per_row / dense_matmul_flops_per_second(device, repeats=2))
-    achieved = rows * flops_per_row / ours
-    return {"what": f"planner model evaluations ({device}): HalfCheetah PerSim CEM, {episodes} episode(s) x 200 "
-                    f"candidates ({rows / ours:,.0f} member-rows/s, {achieved / 1e9:.0f} of "
-                    f"{rows * flops_per_row / limit / 1e9:.0f} GFLOP/s dense matmul, {torch.get_num_threads()} threads)",
-            "ours_s": ours, "baseline_s": limit, "ratio": limit / ours, "target": 0.8}
 
 
 def model_benchmarks(quick: bool) -> list[dict]:

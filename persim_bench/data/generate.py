@@ -19,10 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.parquet as pq
-import ray
 import torch
-from ray.util import ActorPool
-from tqdm.auto import tqdm
 
 import persim_bench
 from persim_bench.specs import REGIME_EPSILON, REGIMES
@@ -133,9 +130,8 @@ def record_shard(plan: DatasetPlan, shard: int) -> Transitions:
                        next_obs_, terminated_, truncated_, covariates=covariates)
 
 
-@ray.remote(num_cpus=1)
 class ShardWriter:
-    """A Ray actor that records shards and writes each as one Parquet file."""
+    """A Ray actor (``generate_datasets`` makes it one) that records shards and writes each as one Parquet file."""
 
     def __init__(self):
         torch.set_num_threads(1)  # one CPU per actor: keep torch's pool from oversubscribing it
@@ -181,6 +177,10 @@ def generate_datasets(grid: Grid, root: Path, policy_root: Path | None = None, n
     them). Every listed shard is verified against its manifest's sha256 first; only missing or
     damaged shards are (re)generated. Returns the dataset folders.
     """
+    import ray  # here, not at the top: plans, shards and the reader need no Ray
+    from ray.util import ActorPool
+    from tqdm.auto import tqdm
+
     plans = dataset_plans(grid, policy_root)
     verified = {plan: verified_shards(plan, dataset_dir(root, plan.env, plan.regime)) for plan in plans}
     todo = [(plan, shard) for plan in plans for shard in range(plan.n_shards) if shard not in verified[plan]]
@@ -189,7 +189,8 @@ def generate_datasets(grid: Grid, root: Path, policy_root: Path | None = None, n
             write_manifest(plan, root, verified[plan])
     if todo:
         workers = num_workers or grid.data.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        actors = [ShardWriter.remote() for _ in range(min(workers, len(todo)))]
+        writer = ray.remote(num_cpus=1)(ShardWriter)
+        actors = [writer.remote() for _ in range(min(workers, len(todo)))]
         try:
             pool = ActorPool(actors)
             jobs = pool.map_unordered(lambda actor, job: actor.write.remote(job[0], job[1], str(root)), todo)

@@ -19,9 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import ray
 import torch
-from tqdm.auto import tqdm
 
 import persim_bench
 from persim_bench.specs import REGIME_EPSILON, per_env
@@ -219,8 +217,8 @@ class ProgressLines:
                   f"greedy return {metrics['greedy_return']:.1f}, {metrics['seconds']:.0f} s", flush=True)
 
 
-@ray.remote(num_cpus=1)
 def _train_task(job: PolicyJob, path: str) -> dict:
+    """One policy trained and saved: a Ray task of ``train_policies``."""
     torch.set_num_threads(1)
     # A task that Ray gave no GPU sees none (CUDA_VISIBLE_DEVICES is emptied): the CPU then.
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -236,6 +234,9 @@ def _train_task(job: PolicyJob, path: str) -> dict:
 
 def train_policies(grid: Grid, root: Path, progress: bool = True) -> dict[PolicyJob, dict]:
     """Train every missing policy of the grid as parallel Ray tasks; reuse cached ones. Returns headers."""
+    import ray  # here, not at the top: reading a policy (evaluation, the GPU check) needs no Ray
+    from tqdm.auto import tqdm
+
     headers, todo = {}, []
     for job in policy_jobs(grid):
         path = job.path(root)
@@ -245,7 +246,7 @@ def train_policies(grid: Grid, root: Path, progress: bool = True) -> dict[Policy
             todo.append(job)
     if todo:
         wanted = grid.trial_resources("policies")  # a GPU reservation lets the trainers use it
-        task = _train_task.options(num_cpus=wanted.cpu, num_gpus=wanted.gpu)
+        task = ray.remote(_train_task).options(num_cpus=wanted.cpu, num_gpus=wanted.gpu)
         futures = {task.remote(job, str(job.path(root))): job for job in todo}
         # disable=None: a bar only when stderr is a terminal; none under `persim-bench -q`
         show = progress and os.environ.get("PERSIM_BENCH_VERBOSITY") != "quiet"
