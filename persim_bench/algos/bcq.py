@@ -97,9 +97,16 @@ def _polyak_discrete_bcq(config, tau: float, device: str):
 
 def act_with_more_samples(algo, spec: BCQSpec) -> None:
     """d3rlpy uses n_action_samples for both the Q target and acting; the original code samples 10 for the
-    target and 100 to act. Its impl keeps the number in this attribute (d3rlpy 2.8)."""
-    if hasattr(algo.impl, "_n_action_samples"):
-        algo.impl._n_action_samples = spec.act_samples
+    target and 100 to act. Continuous BCQ's impl keeps the number in this attribute (d3rlpy 2.8, pinned
+    <2.9; d3rlpy offers no hook for it): a d3rlpy without it fails here rather than act with the wrong count."""
+    from d3rlpy.algos import DiscreteBCQ
+
+    if isinstance(algo, DiscreteBCQ):  # discrete BCQ acts by its Q-values and imitator: no samples
+        return
+    if not hasattr(algo.impl, "_n_action_samples"):
+        raise RuntimeError(f"d3rlpy {type(algo.impl).__name__} has no _n_action_samples: BCQ's acting sample count "
+                           f"cannot be set (d3rlpy changed; persim-bench is tested with 2.8)")
+    algo.impl._n_action_samples = spec.act_samples
 
 
 def bcq_nets(grid: "Grid", env: str) -> dict[str, tuple[int, ...]]:
