@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import persim_bench
@@ -46,6 +47,7 @@ def runtime_imports(path: Path) -> set[str]:
     return found
 
 
+@functools.cache
 def package_graph() -> dict[str, set[str]]:
     modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
     return {name: {m for m in runtime_imports(path) if m in modules and m != name} for name, path in modules.items()}
