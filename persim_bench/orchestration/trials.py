@@ -8,6 +8,7 @@ the algorithm up in the registry, gives it its spec and context, and logs what i
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 import traceback
@@ -20,6 +21,7 @@ from persim_bench.contracts import AgentFactors, Checkpoints, PreStage, Trial, T
 from persim_bench.data.generate import dataset_plan
 from persim_bench.data.policies import prediction_policy_path
 from persim_bench.envs import get_env
+from persim_bench.orchestration import reporting
 from persim_bench.orchestration.provenance import dataset_input, log_dataset_input, log_trained_model, provenance_tags
 from persim_bench.orchestration.tracking import find_trial_run, mlflow_metric_name, run_metrics, trial_params
 
@@ -109,6 +111,9 @@ class TrialProgress:
                 resume = torch.load(Path(folder) / CHECKPOINT_FILE, map_location=device, weights_only=True)
             at = ", ".join(f"{key} {resume[key] + 1}" for key in CURVE_STEPS if key in resume)
             self.client.set_tag(self.run_id, "resumed_from", at or "checkpoint")
+
+        if reporting.verbosity() not in ("verbose", "debug"):  # else Ray logs a line per checkpoint
+            logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
 
         def save(state: dict) -> None:
             with tempfile.TemporaryDirectory(prefix="persim-checkpoint-") as folder:
