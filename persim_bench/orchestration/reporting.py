@@ -63,6 +63,8 @@ def configure(level: str | None = None) -> str:
         handler.set_name(_HANDLER_NAME)
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         log.addHandler(handler)
+    if level in ("quiet", "normal"):  # MLflow's download bars (the report's figures) are not progress of ours
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if level == "quiet":  # set before Ray starts: its workers (the trials) inherit them
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
