@@ -65,6 +65,8 @@ def configure(level: str | None = None) -> str:
         log.addHandler(handler)
     if level in ("quiet", "normal"):  # MLflow's download bars (the report's figures) are not progress of ours
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        # Tune warns at every snapshot its checkpoints force (num_to_keep=1, on purpose: stages.run_stage)
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if level == "quiet":  # set before Ray starts: its workers (the trials) inherit them
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")

@@ -95,9 +95,9 @@ def run_stage(grid: Grid, trials: list[Trial], context: RunContext, storage: str
                 name=name, storage_path=storage, verbose=reporting.tune_verbosity(),
                 callbacks=[state_recorder(path, record), *reporting.trial_lines()],
                 failure_config=tune.FailureConfig(max_failures=grid.max_failures, fail_fast=False),
-                # A restart needs only the newest; 2, not 1: Tune snapshots its whole experiment state each
-                # time a trial's checkpoint count reaches num_to_keep (with 1, at every trial's first).
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+                # A restart needs only the newest. Tune then snapshots its experiment state at each checkpoint,
+                # so a killed driver's saved state never names a deleted one (with 2 it did: tests/test_cluster).
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
         )
     outcome = tuner.fit()
     record()
