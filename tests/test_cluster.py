@@ -30,7 +30,6 @@ GRID = {
     "max_failures": 2,
     "data": {"n_agents": 8, "agents_per_shard": 4},
     "persim": {"rank": 2, "epochs": 30, "ensemble": 2, "state_hidden": [16]},
-    "checkpoint_seconds": 0,  # a Tune checkpoint after every epoch
     "planner": {"horizon": 5, "candidates": 20, "elites": 5},
     "evaluation": {"prediction_policy": "heuristic", "prediction_trajectories": 2, "prediction_steps": 10,
                    "burn_in": 2, "reward_episodes": 2, "max_steps": {"cartpole": 100}},
@@ -90,7 +89,8 @@ def test_trials_spread_over_nodes_and_survive_a_node_lost_mid_grid(cluster, tmp_
     """A worker node lost mid-fit: its trial restarts on the other node from its last checkpoint, in the same run."""
     nodes, workers = cluster
     results = tmp_path / "results"
-    grid = {**GRID, "persim": {**GRID["persim"], "epochs": 100, "batch_size": 8}}  # seconds of fit: time to kill
+    grid = {**GRID, "persim": {**GRID["persim"], "epochs": 100, "batch_size": 8},  # seconds of fit: time to kill
+            "checkpoint_seconds": 0}  # a Tune checkpoint after every epoch
     driver = start_run(write(tmp_path, grid), results, nodes.address)
     client = MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
 
