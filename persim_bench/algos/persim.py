@@ -290,6 +290,13 @@ def _loss(model: PerSimEnsemble, obs_z, action, agent, target, chunk: int = 1638
 # ---------------------------------------------------------------- trials
 
 
+def fit_at_trial_rank(data: Transitions, trial: Trial, spec: PersimSpec, ctx: TrialContext, holdout: float = 0.0):
+    """``fit_persim`` as a trial runs it: at the trial's rank and seed, reporting epochs, checkpointing."""
+    return fit_persim(data, spec.model_copy(update={"rank": trial.rank}), trial.seed, holdout=holdout,
+                      on_epoch=lambda epoch, m: ctx.report({"stage": "fit", "epoch": epoch + 1, **m}),
+                      device=ctx.device, checkpoint=ctx.checkpoints)
+
+
 def run_persim(trial: Trial, spec: PersimSpec, ctx: TrialContext) -> TrialOutput:
     """Fit the ensemble at the trial's rank (rank_cv's pick or a pinned one), then the shared evaluation.
 
@@ -299,9 +306,7 @@ def run_persim(trial: Trial, spec: PersimSpec, ctx: TrialContext) -> TrialOutput
     data = load_trial_data(trial, ctx, costs)
     if trial.rank is None:
         raise ValueError(f"{trial.env}/{trial.regime}: rank_cv chose no rank (all its trials failed)")
-    model, fit_metrics = fit_persim(data, spec.model_copy(update={"rank": trial.rank}), trial.seed, device=ctx.device,
-                                    on_epoch=lambda epoch, m: ctx.report({"stage": "fit", "epoch": epoch + 1, **m}),
-                                    checkpoint=ctx.checkpoints)
+    model, fit_metrics = fit_at_trial_rank(data, trial, spec, ctx)
     factors = AgentFactors(model.agent_factors(), data.covariates, tuple(get_env(trial.env).covariate_names),
                            f"PerSim agent factors, {trial.env} / {trial.regime} (rank {trial.rank}, seed {trial.seed})")
     fitted = TrialOutput(fit_metrics, costs, models=[save_model(model, ctx)], factors=factors)
@@ -318,9 +323,7 @@ def cross_validate_rank(trial: Trial, spec: PersimSpec, ctx: TrialContext) -> Tr
     """
     costs: dict = {}
     data = load_trial_data(trial, ctx, costs)
-    _, metrics = fit_persim(data, spec.model_copy(update={"rank": trial.rank}), trial.seed, holdout=spec.cv_holdout,
-                            on_epoch=lambda epoch, m: ctx.report({"stage": "fit", "epoch": epoch + 1, **m}),
-                            device=ctx.device, checkpoint=ctx.checkpoints)
+    _, metrics = fit_at_trial_rank(data, trial, spec, ctx, holdout=spec.cv_holdout)
     return TrialOutput(metrics, costs)
 
 
