@@ -17,7 +17,7 @@ from pydantic import Field, ValidationError, ValidationInfo, create_model, field
 from persim_bench.algos.registry import ALGORITHMS, spec_sections
 from persim_bench.envs import ENVS, get_env
 from persim_bench.errors import GridError
-from persim_bench.specs import (REGIMES, DataSpec, DistinctList, EvaluationSpec, FieldError, PlannerSpec, PolicySpec,
+from persim_bench.specs import (REGIMES, DataSizeSpec, DataSpec, DistinctList, EvaluationSpec, FieldError, PlannerSpec, PolicySpec,
                                 Resources, Seed, Strict, check_known)
 
 ALGOS = tuple(ALGORITHMS)
@@ -44,6 +44,8 @@ class GridBase(Strict):
     # Repeats of every experiment (the paper: 5); each seed drives training, planning and evaluation.
     seeds: DistinctList[Seed] = [0, 1, 2, 3, 4]
     data: DataSpec = DataSpec()
+    # Data-size axes (nested subsets of the datasets, docs/efficiency.md); absent: the full datasets only.
+    data_sizes: DataSizeSpec | None = None
     policies: PolicySpec = PolicySpec()
     planner: PlannerSpec = PlannerSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
@@ -113,6 +115,53 @@ class GridBase(Strict):
                 field, env = missing
                 raise FieldError(f"{key}.{field}", f"no value for env {env!r} (the grid's envs: {', '.join(self.envs)})")
         return self
+
+    @model_validator(mode="after")
+    def _data_sizes_fit_the_data(self) -> "GridBase":
+        """Every size within the generated data, only algorithms that read data, and something to sweep."""
+        sizes = self.data_sizes
+        if sizes is None:
+            return self
+        for name in sizes.algos or ():
+            if name not in self.algos:
+                raise FieldError("data_sizes.algos", f"{name!r} is not in the grid's algos ({', '.join(self.algos)})")
+            if not ALGORITHMS[name].needs_data:
+                raise FieldError("data_sizes.algos", f"{name} reads no data: a data-size axis means nothing for it")
+        if not self.swept_algos():
+            raise FieldError("data_sizes", "none of the grid's algorithms reads data: nothing to sweep")
+        for agents in sizes.agents or ():
+            if agents > self.data.n_agents:
+                raise FieldError("data_sizes.agents", f"{agents} agents, more than the dataset's {self.data.n_agents} "
+                                                      f"(data.n_agents)")
+        for steps in sizes.steps_per_agent:
+            for env in self.envs:
+                if steps is not None and steps > self.data.episode_steps(env):
+                    raise FieldError("data_sizes.steps_per_agent",
+                                     f"{steps} transitions per agent, more than {env}'s episodes hold "
+                                     f"({self.data.episode_steps(env)} steps)")
+        if self.data_size_cells() == [(None, None)]:
+            raise FieldError("data_sizes", "every cell is the full dataset: give smaller agents or steps_per_agent")
+        return self
+
+    def swept_algos(self) -> list[str]:
+        """The algorithms the data-size axes apply to (none without ``data_sizes``)."""
+        if self.data_sizes is None:
+            return []
+        # After --algo narrowed the grid, only the algorithms left in it.
+        return [name for name in self.data_sizes.algos or self.algos
+                if name in self.algos and ALGORITHMS[name].needs_data]
+
+    def data_size_cells(self) -> list[tuple[int | None, int | None]]:
+        """(agents, steps_per_agent) of every data-size cell, the full dataset first as (None, None)."""
+        if self.data_sizes is None:
+            return [(None, None)]
+        sizes = self.data_sizes
+        agents = [None if n == self.data.n_agents else n for n in sizes.agents or [self.data.n_agents]]
+        if sizes.cross:
+            cells = [(n, k) for n in agents for k in sizes.steps_per_agent]
+        else:
+            cells = [(n, None) for n in agents] + [(None, k) for k in sizes.steps_per_agent]
+        return list(dict.fromkeys([(None, None)] + cells))
 
     def narrowed(self, envs: list[str] | None = None, regimes: list[str] | None = None,
                  algos: list[str] | None = None, seeds: list[int] | None = None) -> "Grid":

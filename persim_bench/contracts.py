@@ -64,12 +64,16 @@ class Trial:
     seed: int
     rank: int | None = None         # PerSim only; None while rank_cv has not picked one
     rank_source: str | None = None  # PerSim only: "cv", "pinned" or "sweep"
-    name: str = ""                  # deterministic, e.g. persim-cartpole-random-r5-s0
+    # A data-size cell (grid ``data_sizes``): training agents N and transitions kept per agent; None: all.
+    agents: int | None = None
+    steps_per_agent: int | None = None
+    name: str = ""                  # deterministic, e.g. persim-cartpole-random-r5-s0, persim-cartpole-random-r5-n50-k25-s0
 
     @classmethod
     def named(cls, **fields) -> "Trial":
         """The trial with its deterministic name: persim-cartpole-random-r5-s0, bcq-p-mountaincar-pure-s1,
-        true-env-mpc-cartpole-s0; a stage before main: rank-cv-cartpole-random-r3-s0."""
+        true-env-mpc-cartpole-s0, a data-size cell bcq-p-cartpole-pure-n50-k25-s0; a stage before main:
+        rank-cv-cartpole-random-r3-s0."""
         trial = cls(**{**fields, "name": ""})
         if trial.stage != "main":
             name = f"{trial.stage.replace('_', '-')}-{trial.env}-{trial.regime}-r{trial.rank}-s{trial.seed}"
@@ -77,6 +81,10 @@ class Trial:
             parts = [trial.algo.replace("_", "-"), trial.env] + ([trial.regime] if trial.regime != "none" else [])
             if trial.rank_source is not None:
                 parts.append(f"r{trial.rank if trial.rank is not None else 'cv'}")
+            if trial.agents is not None:
+                parts.append(f"n{trial.agents}")
+            if trial.steps_per_agent is not None:
+                parts.append(f"k{trial.steps_per_agent}")
             name = "-".join(parts + [f"s{trial.seed}"])
         return cls(**{**fields, "name": name})
 

@@ -24,6 +24,7 @@ from persim_bench.contracts import ContextualModel, DynamicsModel, Trial, TrialC
 from persim_bench.data.behaviour import PREDICTION_POLICY_NAME, BehaviourPolicy, EpsilonMixture, prediction_policy
 from persim_bench.data.dataset import DatasetError, Transitions, dataset_dir, read_dataset
 from persim_bench.data.policies import load_policy
+from persim_bench.data.subsets import subset_agents, take_subset
 from persim_bench.envs import get_env
 from persim_bench.envs.base import EnvFamily
 from persim_bench.planning import MPCPlanner, model_device
@@ -273,11 +274,14 @@ def saved_model_loader(model_class) -> Callable[[Path, str], object]:
 
 
 def load_trial_data(trial: Trial, ctx: TrialContext, costs: dict) -> Transitions:
-    """The trial's dataset, through the one reader, checked to start with the paper's test agents."""
+    """The trial's dataset, through the one reader, checked to start with the paper's test agents; a
+    data-size cell's trial gets its nested subset (``data.subsets``)."""
     if ctx.dataset is None or ctx.data_root is None:
         raise ValueError(f"{trial.name or trial.algo}: this trial was given no dataset")
     with timed(costs, "load"):
         data = read_dataset(ctx.data_root, ctx.dataset)
+        if trial.agents is not None or trial.steps_per_agent is not None:
+            data = take_subset(data, subset_agents(ctx.dataset, trial.agents), trial.steps_per_agent)
     family = get_env(trial.env)
     if not np.allclose(data.covariates[: len(family.test_agents)], family.test_agents):
         raise DatasetError(f"{dataset_dir(ctx.data_root, trial.env, trial.regime)}: the dataset's agents 0-4 are "

@@ -284,6 +284,27 @@ class EvaluationSpec(Strict):
         return self.max_steps.get(env, ENVS[env].horizon)
 
 
+class DataSizeSpec(Strict):
+    """Data-size axes (beyond the paper, docs/efficiency.md): nested, seeded subsets of the grid's datasets.
+
+    Every (agents, steps_per_agent) cell trains the listed algorithms again on a subset of the same
+    generated dataset: the paper's test agents 0-4 plus the first ``agents - 5`` agents of one fixed
+    permutation of the others (drawn from the grid's seed, the same for every regime, algorithm and
+    trial seed, so a smaller subset lies inside every larger one), each keeping the first
+    ``steps_per_agent`` transitions of its trajectory. The cell of the full dataset is the main trial.
+    """
+
+    # Training agents N, the 5 test agents included; the grid's data.n_agents is the full dataset.
+    agents: DistinctList[Annotated[int, Field(ge=5)]] | None = None
+    # Transitions kept per agent (the first k of its trajectory); null: the whole trajectory.
+    steps_per_agent: DistinctList[PositiveInt | None] = [None]
+    # The algorithms swept (each must read data); absent: every algorithm of the grid that reads data.
+    algos: DistinctList[str] | None = None
+    # true: every (agents, steps_per_agent) pair; false: agents at whole trajectories and steps_per_agent
+    # at all agents (two curves through the full dataset, far fewer trials).
+    cross: bool = True
+
+
 class Resources(Strict):
     """What one trial of an algorithm reserves on the Ray cluster."""
 

@@ -290,11 +290,12 @@ def _loss(model: PerSimEnsemble, obs_z, action, agent, target, chunk: int = 1638
 # ---------------------------------------------------------------- trials
 
 
-def fit_at_trial_rank(data: Transitions, trial: Trial, spec: PersimSpec, ctx: TrialContext, holdout: float = 0.0):
+def fit_at_trial_rank(data: Transitions, trial: Trial, spec: PersimSpec, ctx: TrialContext, holdout: float = 0.0,
+                      agent_factor: bool = True):
     """``fit_persim`` as a trial runs it: at the trial's rank and seed, reporting epochs, checkpointing."""
     return fit_persim(data, spec.model_copy(update={"rank": trial.rank}), trial.seed, holdout=holdout,
                       on_epoch=lambda epoch, m: ctx.report({"stage": "fit", "epoch": epoch + 1, **m}),
-                      device=ctx.device, checkpoint=ctx.checkpoints)
+                      device=ctx.device, agent_factor=agent_factor, checkpoint=ctx.checkpoints)
 
 
 def run_persim(trial: Trial, spec: PersimSpec, ctx: TrialContext) -> TrialOutput:
@@ -313,6 +314,18 @@ def run_persim(trial: Trial, spec: PersimSpec, ctx: TrialContext) -> TrialOutput
     return fitted | evaluate_model(model, trial, ctx)
 
 
+def run_persim_without_factors(trial: Trial, spec: PersimSpec, ctx: TrialContext) -> TrialOutput:
+    """The ablation: PerSim with one learned factor vector shared by all agents instead of u(n) per agent
+    (the same networks, rank and training), i.e. one simulator for every agent. What it loses against
+    PerSim is the value of personalisation, measured instead of assumed."""
+    costs: dict = {}
+    data = load_trial_data(trial, ctx, costs)
+    if trial.rank is None:
+        raise ValueError(f"{trial.env}/{trial.regime}: rank_cv chose no rank (all its trials failed)")
+    model, fit_metrics = fit_at_trial_rank(data, trial, spec, ctx, agent_factor=False)
+    return TrialOutput(fit_metrics, costs, models=[save_model(model, ctx)]) | evaluate_model(model, trial, ctx)
+
+
 # ---------------------------------------------------------------- the rank_cv stage (paper App. D.1)
 
 
@@ -327,10 +340,14 @@ def cross_validate_rank(trial: Trial, spec: PersimSpec, ctx: TrialContext) -> Tr
     return TrialOutput(metrics, costs)
 
 
+# The algorithms whose rank rank_cv picks (with agent factors, for both: the ablation keeps PerSim's rank).
+RANKED_BY_CV = ("persim", "persim_no_factors")
+
+
 def rank_cv_trials(grid: "Grid") -> list[Trial]:
     """The rank_cv stage: PerSim per env x regime (x seed if cv_per_seed) x rank of the rank grid."""
     spec = grid.persim
-    if "persim" not in grid.algos or spec.rank != "cv":
+    if not set(RANKED_BY_CV) & set(grid.algos) or spec.rank != "cv":
         return []
     seeds = grid.seeds if spec.cv_per_seed else grid.seeds[:1]
     return [Trial.named(stage="rank_cv", algo="persim", env=env, regime=regime, seed=seed, rank=rank)
@@ -359,7 +376,7 @@ def persim_main_trials(grid: "Grid", fields: dict, chosen: dict[tuple[str, str, 
     else:
         rank, source = per_env(spec.rank, env), "pinned"
     trials = [Trial.named(**fields, rank=rank, rank_source=source)]
-    if spec.sweep_ranks:
+    if spec.sweep_ranks and fields.get("agents") is None and fields.get("steps_per_agent") is None:
         trials += [Trial.named(**fields, rank=other, rank_source="sweep") for other in spec.rank_grid if other != rank]
     return trials
 
@@ -406,4 +423,8 @@ RANK_CV = PreStage("rank_cv", rank_cv_trials, cross_validate_rank, rank_cv_trial
                    dearest=lambda grid: max(grid.persim.rank_grid), metric="val_loss", mode="min")
 ALGORITHMS = [Algorithm("persim", "PerSim", run_persim, "persim", PersimSpec, learns_dynamics=True, plans=True,
                         cost=persim_trial_seconds, reload=saved_model_loader(PerSimEnsemble), evaluate=evaluate_persim,
-                        pre_stage=RANK_CV, main_trials=persim_main_trials)]
+                        pre_stage=RANK_CV, main_trials=persim_main_trials),
+              Algorithm("persim_no_factors", "PerSim w/o agent factors", run_persim_without_factors, "persim",
+                        PersimSpec, learns_dynamics=True, plans=True, cost=persim_trial_seconds,
+                        reload=saved_model_loader(PerSimEnsemble), evaluate=evaluate_persim, pre_stage=RANK_CV,
+                        main_trials=persim_main_trials)]

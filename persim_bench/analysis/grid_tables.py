@@ -53,6 +53,7 @@ class TrialRecord:
     rank_source: str | None = None  # PerSim: "cv", "pinned" or "sweep" (a row of its own per rank)
     error: str | None = None
     metrics: Mapping[str, float] = field(default_factory=dict)
+    data_size: bool = False  # a data-size cell's trial (a subset of the data): in the efficiency curves, not here
 
     @property
     def method(self) -> str:
@@ -99,7 +100,8 @@ def per_env_tables(records: Iterable[TrialRecord], layout: GridLayout) -> dict[s
     for env in layout.envs:
         groups: dict[tuple[str, str], list] = defaultdict(list)
         for record in records:
-            if record.env == env and record.status == "FINISHED" and record.stage in (None, "main"):
+            if (record.env == env and record.status == "FINISHED" and record.stage in (None, "main")
+                    and not record.data_size):
                 groups[record.regime, record.method].append(record.metrics)
         columns = ["regime", "method"] + list(layout.agent_columns[env])
         prediction, reward = [], []

@@ -52,6 +52,17 @@ def dataset_rows(grid: Grid, env: str, regime: str, data_root: Path | None) -> i
     return grid.data.n_agents * cap
 
 
+def trial_rows(grid: Grid, trial, rows: int) -> int:
+    """Transitions a trial reads of a dataset of ``rows``: a data-size cell's share of agents, each agent's
+    trajectory (its mean length) cut at ``steps_per_agent``."""
+    if trial.agents is not None:
+        rows = rows * trial.agents // grid.data.n_agents
+    if trial.steps_per_agent is not None:
+        agents = trial.agents or grid.data.n_agents
+        rows = min(rows, agents * trial.steps_per_agent)
+    return rows
+
+
 def estimate(grid: Grid, rate: float | None = None, data_root: Path | None = None,
              gpu_rate: float = DEFAULT_GPU_RATE) -> list[StageEstimate]:
     """Trials and CPU-hours (and GPU-hours where the grid reserves GPUs) of every stage.
@@ -93,7 +104,7 @@ def estimate(grid: Grid, rate: float | None = None, data_root: Path | None = Non
     by_algo_gpu: dict[str, float] = {}
     main = main_trials(grid, picks)
     for trial in main:
-        data = rows.get((trial.env, trial.regime), 0)  # data-free algorithms (regime "none") read none
+        data = trial_rows(grid, trial, rows.get((trial.env, trial.regime), 0))  # data-free algorithms read none
         cost = ALGORITHMS[trial.algo].cost
         cpu, gpu = reserved(trial.algo, lambda r: cost(grid, trial, data, r))
         by_algo[trial.algo] = by_algo.get(trial.algo, 0.0) + cpu

@@ -23,13 +23,15 @@ from persim_bench.analysis.factors import has_factor_probe
 from persim_bench.analysis.tabular import png_to_pdf, write_table
 from persim_bench.orchestration.guard import inside
 from persim_bench.orchestration.tables import dataset_summaries, method_labels
-from persim_bench.orchestration.tracking import grid_experiment, latest_trial_runs, metric_name, newest_parent_run, run_metrics
+from persim_bench.orchestration.tracking import (grid_experiment, latest_trial_runs, metric_name, newest_parent_run,
+                                                 optional_int, run_metrics)
 
 RANDOM_EPISODES = 20  # per test agent, for the random policy's reference return
 
 
 def trial_records(client, runs: list) -> list[dict]:
-    """Finished main trials as plain records, each agent's per-episode returns read from the metric history."""
+    """Finished main trials as plain records, each agent's per-episode returns read from the metric history
+    (``agents``/``steps_per_agent``: a data-size cell's subset, None for the full dataset)."""
     records = []
     for run in runs:
         tags = run.data.tags
@@ -40,6 +42,8 @@ def trial_records(client, runs: list) -> list[dict]:
             history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
             metrics[metric_name(key)] = [m.value for m in history]
         records.append({"algo": tags["algo"], "env": tags["env"], "regime": tags["regime"], "seed": int(tags["seed"]),
+                        "agents": optional_int(run.data.params, "agents"),
+                        "steps_per_agent": optional_int(run.data.params, "steps_per_agent"),
                         "metrics": metrics, "run_id": run.info.run_id})
     return records
 
@@ -82,6 +86,20 @@ def copy_factor_figures(client, records: list[dict], out: Path) -> list[Path]:
     return figures
 
 
+def efficiency_section(grid: Grid, records: list[dict], random: dict[tuple[str, int], float], out: Path) -> str:
+    """The data-efficiency curves of a grid with ``data_sizes``: table, figures (PNG, PDF) and findings in ``out``."""
+    from persim_bench.analysis.efficiency import (efficiency_figures, efficiency_findings, efficiency_markdown,
+                                                  efficiency_points, efficiency_table)
+
+    labels = method_labels()
+    in_grid_order = sorted(records, key=lambda r: grid.algos.index(r["algo"]) if r["algo"] in grid.algos else len(grid.algos))
+    points = efficiency_points(in_grid_order, grid.data.n_agents, grid.evaluation.test_agents, random, seed=grid.seed)
+    table = efficiency_table(points, labels)
+    write_table(table, out, "efficiency")
+    figures = efficiency_figures(points, out, labels)
+    return efficiency_markdown(table, efficiency_findings(points, labels), figures)
+
+
 def write_report(grid: Grid, tracking_uri: str, results: Path, data_root: Path) -> Path:
     """Write results/<grid>/report.md (+ csv/tex, figures) and log it on the newest parent run; returns the file."""
     from mlflow.tracking import MlflowClient
@@ -91,21 +109,26 @@ def write_report(grid: Grid, tracking_uri: str, results: Path, data_root: Path) 
 
     client = MlflowClient(tracking_uri)
     experiment = grid_experiment(client, grid, tracking_uri)
-    records = trial_records(client, latest_trial_runs(client, experiment.experiment_id))
+    every = trial_records(client, latest_trial_runs(client, experiment.experiment_id))
+    records = [r for r in every if r["agents"] is None and r["steps_per_agent"] is None]  # the full datasets
     labels = method_labels()
     out = inside(results, results / grid.name / "report")
     out.mkdir(parents=True, exist_ok=True)
     summaries = dataset_summaries(grid, data_root, policy_root(results))
     unreadable = {key: s["error"] for key, s in summaries.items() if "error" in s}
     readable = {key: s for key, s in summaries.items() if key not in unreadable}
-    report = build_report(records, readable, random_scores=random_scores(grid), seed=grid.seed, labels=labels)
+    random = random_scores(grid)
+    report = build_report(records, readable, random_scores=random, seed=grid.seed, labels=labels)
     for name, table in report.tables.items():
         write_table(table, out, name)
     probe = probe_table(records, {env: get_env(env).covariate_names for env in sorted({r["env"] for r in records})})
     write_table(probe, out, "figure1_probe")
     figure1 = copy_factor_figures(client, records, out)
     profile = performance_profile(report, out / "performance_profile.png", labels)
-    (out / "report.md").write_text(report_page(report, probe, unreadable, figure1, profile))
+    page = report_page(report, probe, unreadable, figure1, profile)
+    if len(every) > len(records):  # the grid swept data sizes
+        page += "\n" + efficiency_section(grid, every, random, out)
+    (out / "report.md").write_text(page)
     parent = newest_parent_run(client, experiment.experiment_id)
     if parent is not None:
         client.log_artifacts(parent.info.run_id, str(out), artifact_path="report")

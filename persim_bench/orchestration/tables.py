@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-from persim_bench.contracts import Trial
 from persim_bench.algos.persim import smallest_good_rank
 from persim_bench.algos.registry import ALGORITHMS
 from persim_bench.analysis.grid_figures import rank_cv_figure, reward_figure
@@ -28,7 +27,8 @@ from persim_bench.data.generate import dataset_plan
 from persim_bench.data.policies import policy_label
 from persim_bench.envs import get_env
 from persim_bench.orchestration.guard import inside
-from persim_bench.orchestration.tracking import grid_experiment, latest_trial_runs, newest_parent_run, run_metrics
+from persim_bench.orchestration.tracking import (grid_experiment, latest_trial_runs, newest_parent_run, optional_int,
+                                                 run_metrics, trial_of_run)
 from persim_bench.specs import REGIMES
 
 
@@ -59,13 +59,14 @@ def trial_record(run) -> TrialRecord:
     tags, params = run.data.tags, run.data.params
     return TrialRecord(trial=tags.get("trial", ""), status=run.info.status, stage=tags.get("stage"),
                        algo=tags.get("algo"), env=tags.get("env"), regime=tags.get("regime"),
-                       rank=int(params["rank"]) if "rank" in params else None, rank_source=params.get("rank_source"),
-                       error=tags.get("error"), metrics=run_metrics(run))
+                       rank=optional_int(params, "rank"), rank_source=params.get("rank_source"),
+                       error=tags.get("error"), metrics=run_metrics(run),
+                       data_size=any(key in params for key in ("agents", "steps_per_agent")))
 
 
 def cost_records(runs: list, grid: Grid, data_root: Path, rate: float) -> list[CostRecord]:
     """Every finished main trial that logged its time, with the CPUs it reserved and the cost model's estimate."""
-    from persim_bench.orchestration.estimate import dataset_rows
+    from persim_bench.orchestration.estimate import dataset_rows, trial_rows
 
     manifest_rows = functools.cache(lambda env, regime: dataset_rows(grid, env, regime, data_root)
                                     if regime != "none" else 0)
@@ -78,9 +79,8 @@ def cost_records(runs: list, grid: Grid, data_root: Path, rate: float) -> list[C
         cost = ALGORITHMS[algo].cost if algo in ALGORITHMS else None
         estimated = None
         if cost is not None:
-            trial = Trial(stage="main", algo=algo, env=tags["env"], regime=tags["regime"], seed=int(tags["seed"]),
-                          rank=int(run.data.params["rank"]) if "rank" in run.data.params else None)
-            estimated = cost(grid, trial, manifest_rows(trial.env, trial.regime), rate)
+            trial = trial_of_run(run)
+            estimated = cost(grid, trial, trial_rows(grid, trial, manifest_rows(trial.env, trial.regime)), rate)
         records.append(CostRecord(algo=algo, env=tags["env"], cpus=grid.trial_resources(algo).cpu,
                                   estimated_seconds=estimated, device=tags.get("device", "cpu"),
                                   metrics=run_metrics(run)))

@@ -100,10 +100,16 @@ def run_metrics(run) -> dict[str, float]:
 def trial_of_run(run) -> Trial:
     """The Trial an MLflow trial run recorded (its tags and params)."""
     tags, params = run.data.tags, run.data.params
-    rank = params.get("rank")
     return Trial(stage=tags.get("stage", "main"), algo=tags["algo"], env=tags["env"], regime=tags["regime"],
-                 seed=int(tags["seed"]), rank=int(rank) if rank not in (None, "None") else None,
-                 rank_source=params.get("rank_source"), name=tags["trial"])
+                 seed=int(tags["seed"]), rank=optional_int(params, "rank"), rank_source=params.get("rank_source"),
+                 agents=optional_int(params, "agents"), steps_per_agent=optional_int(params, "steps_per_agent"),
+                 name=tags["trial"])
+
+
+def optional_int(params: dict, key: str) -> int | None:
+    """An integer param of a trial run that may be absent (e.g. ``agents`` outside a data-size cell)."""
+    value = params.get(key)
+    return int(value) if value not in (None, "None") else None
 
 
 def find_trial_run(client, experiment_id: str, parent_run_id: str, name: str):

@@ -20,6 +20,7 @@ from persim_bench.config import Grid
 from persim_bench.contracts import AgentFactors, Checkpoints, PreStage, Trial, TrialContext, TrialOutput
 from persim_bench.data.generate import dataset_plan
 from persim_bench.data.policies import prediction_policy_path
+from persim_bench.data.subsets import subset_record
 from persim_bench.envs import get_env
 from persim_bench.orchestration import reporting
 from persim_bench.orchestration.provenance import dataset_input, log_dataset_input, log_trained_model, provenance_tags
@@ -32,7 +33,8 @@ CURVE_STEPS = ("epoch", "iteration")  # what counts a fit's progress, the step o
 
 def pre_stages(grid: Grid) -> list[PreStage]:
     """The stages the grid's algorithms declare before main (PerSim's rank_cv), in the grid's algorithm order."""
-    return [ALGORITHMS[name].pre_stage for name in grid.algos if ALGORITHMS[name].pre_stage is not None]
+    stages = [ALGORITHMS[name].pre_stage for name in grid.algos if ALGORITHMS[name].pre_stage is not None]
+    return list(dict.fromkeys(stages))  # one stage may serve several algorithms (rank_cv: PerSim and its ablation)
 
 
 def pre_stage_of(trial: Trial) -> PreStage | None:
@@ -46,19 +48,24 @@ def main_trials(grid: Grid, chosen: dict[tuple[str, str, int], object] | None = 
     registry entry's ``main_trials`` makes (PerSim: rank pinned or picked by rank_cv, ``sweep_ranks``).
 
     Data-free algorithms skip the regime; an algorithm is skipped on envs whose action space it
-    does not handle (IQL and TD3+BC on the discrete envs). ``chosen``: the pre-stages' picks.
+    does not handle (IQL and TD3+BC on the discrete envs). The algorithms the grid's ``data_sizes``
+    sweep get one trial per data-size cell more. ``chosen``: the pre-stages' picks.
     """
     trials = []
+    swept = grid.swept_algos()
     for name in grid.algos:
         algo = ALGORITHMS[name]
+        cells = grid.data_size_cells() if name in swept else [(None, None)]
         for env in grid.envs:
             if not algo.supports(get_env(env).discrete):
                 continue
             for regime in grid.regimes if algo.needs_data else ["none"]:
                 for seed in grid.seeds:
-                    fields = dict(stage="main", algo=name, env=env, regime=regime, seed=seed)
-                    trials += (algo.main_trials(grid, fields, chosen or {}) if algo.main_trials
-                               else [Trial.named(**fields)])
+                    for agents, steps in cells:
+                        fields = dict(stage="main", algo=name, env=env, regime=regime, seed=seed, agents=agents,
+                                      steps_per_agent=steps)
+                        trials += (algo.main_trials(grid, fields, chosen or {}) if algo.main_trials
+                                   else [Trial.named(**fields)])
     return trials
 
 
@@ -223,6 +230,10 @@ def run_trial(config: dict, context: RunContext) -> None:
     ctx = trial_context(grid, trial, Path(context.data_root), Path(context.policy_root),
                         Path(tune.get_context().get_trial_dir()), device, progress.report,
                         progress.checkpoints(grid.checkpoint_seconds, device))
+    if ctx.dataset is not None and (trial.agents is not None or trial.steps_per_agent is not None):
+        subset = subset_record(ctx.dataset, trial.agents, trial.steps_per_agent)
+        client.log_dict(run_id, subset, "data_subset.json")
+        client.set_tag(run_id, "data_subset", subset["fingerprint"])
     started = time.perf_counter()
     try:
         output = (pre_stage.run if pre_stage else algo.run)(trial, algorithm_spec(grid, trial), ctx)
