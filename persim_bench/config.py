@@ -152,13 +152,16 @@ class GridBase(Strict):
                 if name in self.algos and ALGORITHMS[name].needs_data]
 
     def data_size_cells(self) -> list[tuple[int | None, int | None]]:
-        """(agents, steps_per_agent) of every data-size cell, the full dataset first as (None, None)."""
+        """(agents, steps_per_agent) of every data-size cell, the full dataset first as (None, None); both axes
+        include the full dataset whether listed or not."""
         if self.data_sizes is None:
             return [(None, None)]
         sizes = self.data_sizes
-        agents = [None if n == self.data.n_agents else n for n in sizes.agents or [self.data.n_agents]]
+        # Both axes always reach the full dataset (None): every curve ends at the main trial.
+        agents = [None if n == self.data.n_agents else n for n in sizes.agents or []] + [None]
+        steps = [*sizes.steps_per_agent, None]
         if sizes.cross:
-            cells = [(n, k) for n in agents for k in sizes.steps_per_agent]
+            cells = [(n, k) for n in agents for k in dict.fromkeys(steps)]
         else:
             cells = [(n, None) for n in agents] + [(None, k) for k in sizes.steps_per_agent]
         return list(dict.fromkeys([(None, None)] + cells))
