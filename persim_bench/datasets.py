@@ -8,23 +8,26 @@
     data.agents           # pyarrow.Table: one row per agent: covariates, role, logging policy
     for episode in data.episodes(): ...                         # one Episode per agent
     arrays = data.to_numpy(); tensors = data.to_torch(); mdp = data.to_d3rlpy()
+    small = data.subset(agents=50, steps_per_agent=25)          # a data-size cell's nested subset
 
 ``load`` verifies the manifest against the grid and every shard's sha256 before anything is
 returned, through the same reader the benchmark's own trials use.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from persim_bench.config import Grid, load_grid
 from persim_bench.data.dataset import (
     MANIFEST, DatasetError, Transitions, agents_table, data_root, dataset_dir, policy_root, read_dataset, read_manifest,
 )
 from persim_bench.data.generate import DatasetPlan, dataset_plan
+from persim_bench.data.subsets import subset_agents, take_subset
 from persim_bench.envs import get_env
 
 
@@ -69,6 +72,18 @@ class OfflineDataset:
         """The transitions as Arrow, as a hive reader sees them: the file columns plus ``regime``."""
         table = self.transitions.to_table(self.plan.shard_metadata())
         return table.append_column("regime", pa.array([self.regime] * len(table), pa.string()))
+
+    def subset(self, agents: int | None = None, steps_per_agent: int | None = None) -> "OfflineDataset":
+        """The nested subset a grid's ``data_sizes`` cell trains on: the test agents and the first
+        ``agents - 5`` of the grid's fixed order of the others, each agent's first ``steps_per_agent``
+        transitions (the cut marked truncated). Agents are renumbered 0..N-1; ``agents`` (the table)
+        keeps each one's id in the full dataset as ``dataset_agent``."""
+        ids = subset_agents(self.plan, agents)
+        table = self.agents.filter(pa.compute.is_in(self.agents["agent"], pa.array(ids, pa.int32())))
+        table = table.rename_columns(["dataset_agent" if name == "agent" else name for name in table.column_names])
+        table = table.add_column(1, "agent", pa.array(np.searchsorted(ids, table["dataset_agent"].to_numpy()),
+                                                      pa.int32()))
+        return replace(self, transitions=take_subset(self.transitions, ids, steps_per_agent), agents=table)
 
     def episodes(self):
         """One ``Episode`` per agent, in agent order."""

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 DOC = Path(__file__).parent.parent / "docs" / "datasets.md"
@@ -29,7 +30,7 @@ def code_blocks(path: Path) -> list[tuple[str, str]]:
 def test_the_page_has_the_four_readers_the_api_and_both_exports():
     text = "\n".join(body for _, body in code_blocks(DOC))
     for needle in ('partitioning="hive"', "pd.read_parquet", "pl.scan_parquet", "duckdb.sql", "hive_partitioning",
-                   "datasets.load", "to_d3rlpy", "--format minari", "--format d4rl", "recover_environment"):
+                   "datasets.load", "to_d3rlpy", ".subset(agents=", "--format minari", "--format d4rl", "recover_environment"):
         assert needle in text, needle
 
 
@@ -61,6 +62,10 @@ def test_every_block_runs_against_a_fresh_tiny_grid(ray_cluster, tmp_path, monke
     assert (tmp_path / "exports" / "d4rl" / "smoke-cartpole-random.hdf5").is_file()
     assert namespace["table"].num_rows == namespace["data"].table.num_rows  # pyarrow's hive read == the API's
     assert sorted(namespace["info"]) == ["reward_ctrl", "reward_run", "x_position", "x_velocity"]
+    small, data = namespace["small"], namespace["data"]
+    assert small.transitions.n_agents == 6 and small.agents.num_rows == 6 and small.transitions.t.max() == 4
+    kept = np.isin(data.transitions.agent, small.agents["dataset_agent"].to_numpy()) & (data.transitions.t < 5)
+    assert np.array_equal(small.transitions.obs, data.transitions.obs[kept])
 
 
 def test_relative_links_in_the_readme_and_docs_resolve():

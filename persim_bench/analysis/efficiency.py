@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from persim_bench.analysis.stats import DEFAULT_BOOT, bootstrap_ci, normalise
-from persim_bench.analysis.tabular import method_colours, method_label, save_figure
+from persim_bench.analysis.tabular import method_colours, method_label, save_figure, to_markdown
 
 PROBE_PREFIX = "probe_r2_"
 
@@ -388,8 +388,6 @@ def efficiency_findings(points: Iterable[EfficiencyPoint], labels: Mapping[str, 
 
 def efficiency_markdown(table: dict, findings: Sequence[str], figures: Sequence[Path]) -> str:
     """The report's data-efficiency section: findings first, then the figures (PNG with its PDF) and the table."""
-    from persim_bench.analysis.tabular import to_markdown
-
     parts = ["## Data efficiency: error and reward against the data\n",
              "".join(f"- {sentence}\n" for sentence in findings) or "- (no PerSim points to compare)\n"]
     parts += [f"![{figure.stem}]({figure.name}) ([PDF]({figure.stem}.pdf))\n" for figure in figures
