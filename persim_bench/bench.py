@@ -248,6 +248,120 @@ def model_benchmarks(quick: bool) -> list[dict]:
     ]
 
 
+# ---------------------------------------------------------------- small models against the roofline
+
+
+def _fit_and_plan_steps(env: str, algo: str, planner_rows: int, compiled: bool = False):
+    """(one training step, one planner model step) of ``algo`` at paper sizes on ``env``'s random data: the two
+    calls a trial spends its time in, as closures over fixed inputs (the planner's ``planner_rows`` model rows).
+    ``compiled``: PerSim's training step through torch.compile, as ``persim: {compile: true}`` runs it."""
+    import torch
+
+    from persim_bench.algos import cadm, persim
+
+    family = get_env(env)
+    data = persim_data(env, 100, family.horizon)
+    rng = torch.Generator().manual_seed(0)
+    planner_batch = planner_rows // 5
+    obs = torch.randn(5 if algo == "persim" else 1, planner_batch, family.obs_dim)
+    action = torch.as_tensor(family.random_actions(np.random.default_rng(0), planner_batch))
+    if algo == "persim":
+        spec = persim.PersimSpec(rank=BENCH_RANK[env])
+        model = persim.PerSimEnsemble.from_spec(spec, env, data.n_agents, seed=0)
+        obs_z = torch.as_tensor(data.obs)
+        target = torch.as_tensor(data.next_obs - data.obs)
+        train_action, agent = torch.as_tensor(data.action), torch.as_tensor(data.agent)
+        optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr, fused=True)
+
+        train_step = torch.compile(persim.train_step) if compiled else persim.train_step
+
+        def fit_step():
+            rows = torch.randint(len(data), (5, spec.batch_size), generator=rng)
+            return train_step(model, optimizer, obs_z, train_action, agent, target, rows)
+
+        planner_agents = torch.zeros(planner_batch, dtype=torch.long)
+    else:
+        spec = cadm.CadmSpec()
+        model = cadm.CadmModel.from_spec(spec, env, probabilistic=False, seed=0)
+        tensors = cadm.training_tensors(model, data, spec.future)
+        optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr, fused=True)
+        pairs = len(tensors["source"])
+
+        def fit_step():
+            return cadm.train_step(model, optimizer, tensors, torch.randint(pairs, (1, spec.batch_size), generator=rng),
+                                   spec)
+
+        episodes = 20
+        model.condition(torch.randn(episodes, spec.history + 1, family.obs_dim),
+                        torch.as_tensor(family.random_actions(np.random.default_rng(1), episodes * spec.history)
+                                        ).reshape(episodes, spec.history, *([] if family.discrete else [-1])))
+        planner_agents = torch.arange(planner_batch) % episodes
+        obs = obs.expand(model.n_members, -1, -1).contiguous()
+
+    @torch.no_grad()
+    def plan_step():
+        return model.step(obs, action, planner_agents)
+
+    return fit_step, plan_step
+
+
+def small_model_rows(envs=("mountaincar", "cartpole"), threads=(1, 2), planner_rows: int = 100_000) -> list[dict]:
+    """Fit gradient steps/s and planner model rows/s of PerSim and Vanilla CaDM at paper sizes on the small envs,
+    each against this machine's roofline for the same ops (``roofline``), measured in the same run."""
+    import torch
+
+    from persim_bench.roofline import best_seconds, count_work, limit_seconds, machine_rates
+
+    previous, rows = torch.get_num_threads(), []
+    try:
+        for n in threads:
+            rates = machine_rates(n)
+            torch.set_num_threads(n)
+            for env in envs:
+                for algo, label in (("persim", "PerSim"), ("cadm", "Vanilla CaDM")):
+                    fit_step, plan_step = _fit_and_plan_steps(env, algo, planner_rows)
+                    for what, fn, unit, per_call, target in (
+                            ("fit", fit_step, "gradient steps/s", 1, None),
+                            ("planner", plan_step, "model rows/s", planner_rows, 0.4)):
+                        seconds, ops = best_seconds(fn), count_work(fn)
+                        limit = limit_seconds(ops, rates)
+                        memory = sum(rates.op_seconds(macs, size) for macs, size in ops
+                                     if rates.memory_bound(macs, size))
+                        rows.append({"what": f"{env}: {label} {what} ({unit})", "threads": n,
+                                     "ours": per_call / seconds, "limit": per_call / limit, "share": limit / seconds,
+                                     "bound": "memory" if memory > limit / 2 else "compute", "target": target,
+                                     "rates": rates})
+                    if algo == "persim":  # against today's code (eager), in the same run
+                        compiled_step, _ = _fit_and_plan_steps(env, algo, planner_rows, compiled=True)
+                        compiled_step()  # compiles
+                        seconds = best_seconds(compiled_step)
+                        eager = rows[-2]
+                        rows.append({**eager, "what": f"{env}: PerSim fit, compiled training step (gradient steps/s)",
+                                     "ours": 1 / seconds, "share": eager["share"] / (eager["ours"] * seconds),
+                                     "versus": 1 / (eager["ours"] * seconds), "target": 3.0})
+    finally:
+        torch.set_num_threads(previous)
+    return rows
+
+
+def render_roofline(rows: list[dict]) -> str:
+    """Targets: the planner's share of the limit; a compiled fit's speed-up over today's eager step (``versus``)."""
+    lines = ["| benchmark | threads | ours | roofline limit | share of limit | bound by | vs today's code | target |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        reached = r.get("versus", r["share"])
+        target = "-" if r["target"] is None else f">= {r['target']}" + ("" if reached >= r["target"] else ": **not met**")
+        versus = f"{r['versus']:.2f}x" if "versus" in r else "-"
+        lines.append(f"| {r['what']} | {r['threads']} | {r['ours']:,.0f} | {r['limit']:,.0f} | {r['share']:.2f} | "
+                     f"{r['bound']} | {versus} | {target} |")
+    rates = {r["threads"]: r["rates"] for r in rows}
+    lines.append("")
+    lines += [f"Machine, {n} thread(s): dense matmul {rate.macs_per_second / 1e9:.1f} G multiply-adds/s; read "
+              + ", ".join(f"{size >> 10:,} KiB at {speed / 1e9:.1f} GB/s" for size, speed in rate.read_rates) + "."
+              for n, rate in rates.items()]
+    return "\n".join(lines)
+
+
 def render(rows: list[dict]) -> str:
     lines = ["| benchmark | ours (s) | baseline (s) | ratio | target | met |", "|---|---|---|---|---|---|"]
     for r in rows:
@@ -269,8 +383,11 @@ def main(what: str, quick: bool = False, device: str = "cpu") -> None:
     if what in BENCHMARKS:
         print(render(BENCHMARKS[what](quick)))
         return
+    if what == "small":
+        print(render_roofline(small_model_rows(planner_rows=10_000 if quick else 100_000)))
+        return
     if what != "mpc":
-        raise BenchError(f"unknown benchmark {what!r}: one of {', '.join([*BENCHMARKS, 'mpc'])}")
+        raise BenchError(f"unknown benchmark {what!r}: one of {', '.join([*BENCHMARKS, 'mpc', 'small'])}")
     import torch
 
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
@@ -284,7 +401,7 @@ def main(what: str, quick: bool = False, device: str = "cpu") -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("what", choices=["data", "model", "mpc"])
+    parser.add_argument("what", choices=["data", "model", "mpc", "small"])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cpu", help="where `mpc` runs: cpu or cuda")
     args = parser.parse_args()

@@ -286,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = command("bench", "speed benchmarks (ratios against a baseline measured in the same run)",
                     "Speed benchmarks of the data generation, the models and the MPC planner, each reported as a "
                     "ratio against a baseline measured in the same run (see docs/benchmarks.md).")
-    bench.add_argument("what", choices=["data", "model", "mpc"], help="which benchmark: data, model or mpc")
+    bench.add_argument("what", choices=["data", "model", "mpc", "small"],
+                       help="which benchmark: data, model, mpc or small (MountainCar/CartPole models vs the roofline)")
     bench.add_argument("--quick", action="store_true", help="small sizes, for a fast check")
     bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device of the mpc benchmark")
     bench.set_defaults(func=cmd_bench)

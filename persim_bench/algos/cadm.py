@@ -282,14 +282,7 @@ def fit_cadm(data: Transitions, spec: CadmSpec, seed: int, probabilistic: bool,
             model.train()
             for begin in range(0, n_train, spec.batch_size):
                 pairs = train_pairs[sample[:, begin:begin + spec.batch_size]]
-                recon, _ = _losses(model, tensors, pairs, spec.back_coeff)
-                loss = recon + _weight_penalty(model, spec)
-                if probabilistic:
-                    loss = loss + 0.01 * (model.max_logvar.sum() - model.min_logvar.sum())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += recon.detach().double() * pairs.shape[1]
+                total += train_step(model, optimizer, tensors, pairs, spec).double() * pairs.shape[1]
             epochs_run += 1
             metrics = {"train_loss": total.item() / (n_train * members)}
             if not n_valid:
@@ -351,6 +344,19 @@ def _losses(model: CadmModel, tensors: dict, pairs: torch.Tensor, back_coeff: fl
     back_target = (-tensors["delta"][target] - model.back_mean) / model.back_std
     backward = (back - back_target).square().mean(dim=(1, 2)).sum()
     return forward + back_coeff * backward, forward_mse
+
+
+def train_step(model: CadmModel, optimizer: torch.optim.Optimizer, tensors: dict, pairs: torch.Tensor,
+               spec: CadmSpec) -> torch.Tensor:
+    """One gradient step on (context, target) pairs [members, batch]; returns the reconstruction loss (detached)."""
+    recon, _ = _losses(model, tensors, pairs, spec.back_coeff)
+    loss = recon + _weight_penalty(model, spec)
+    if model.probabilistic:
+        loss = loss + 0.01 * (model.max_logvar.sum() - model.min_logvar.sum())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return recon.detach()
 
 
 def _weight_penalty(model: CadmModel, spec: CadmSpec) -> torch.Tensor:
