@@ -2,8 +2,9 @@
 
 Each op (forward, backward and optimizer alike, as the dispatcher sees them) takes at least the
 longer of its multiply-adds at the machine's dense matmul rate and its bytes (every tensor it
-reads plus every tensor it writes) at the machine's read bandwidth for buffers of that size (from
-within L2 to far beyond every cache); the code's limit is the sum over its ops. Every
+reads plus every tensor it writes) at the machine's fastest read bandwidth (a buffer within L2);
+the code's limit is the sum over its ops. Code whose intermediates stay in cache between ops can
+reach it; code that fuses ops (torch.compile) moves fewer bytes than the sum and may pass it. Every
 rate is measured on this machine (``machine_rates``), so "0.3 of the limit" means the same here as
 on any other machine. Small models are memory-bound: at MountainCar sizes a layer's [5, 256, 256]
 activation is read and written several times per step for a few multiply-adds per element.
@@ -28,9 +29,10 @@ class Rates:
     read_rates: tuple[tuple[int, float], ...]
 
     def bandwidth(self, size: float) -> float:
-        """Reading ``size`` bytes: the rate measured at the largest buffer not above it (the optimistic side)."""
-        fitting = [rate for measured, rate in self.read_rates if measured <= size]
-        return fitting[-1] if fitting else self.read_rates[0][1]
+        """The bandwidth an op of ``size`` bytes is costed at: the fastest measured (its tensors in L2), since
+        consecutive ops on a cache-sized chunk find their inputs there; the rates at larger sizes show how
+        far the memory falls behind for code that does not chunk."""
+        return max(rate for _, rate in self.read_rates)
 
     def op_seconds(self, macs: float, size: float) -> float:
         """The roofline of one op: the slower of its arithmetic and its memory traffic."""
@@ -108,9 +110,10 @@ def machine_rates(threads: int) -> Rates:
         out = torch.empty(5, 512, 512)
         matmul = best_seconds(lambda: torch.bmm(a, b, out=out))
         # Reading is the fastest a core moves bytes (a write also reads its cache line first): an optimistic
-        # bandwidth keeps the roofline a bound no code beats. Buffers from half of L2 to 128 MiB.
-        total, read_rates = torch.empty(()), []
-        for size in (l2_cache_bytes() // 2, 2 * l2_cache_bytes(), 8 * l2_cache_bytes(), 128 << 20):
+        # bandwidth keeps the roofline a bound no code beats. Buffers from half of L2 to 128 MiB, finely around
+        # L2's size, where the rate falls several-fold (an op is costed at the largest buffer not above its bytes).
+        total, read_rates, l2 = torch.empty(()), [], l2_cache_bytes()
+        for size in (l2 // 2, 3 * l2 // 4, l2, 5 * l2 // 4, 3 * l2 // 2, 2 * l2, 4 * l2, 16 * l2, 128 << 20):
             buffer = torch.randn(size // 4)
             read_rates.append((size, size / best_seconds(lambda: torch.sum(buffer, 0, out=total), repeats=3)))
     finally:
