@@ -236,7 +236,7 @@ def test_findings_say_where_the_advantage_vanishes_and_when_there_is_none():
     findings = efficiency_findings(points(records), LABELS)
     [rmse] = [f for f in findings if "RMSE" in f]
     assert "from N=10 (2.0x)" in rmse and "shrinks from 2.0x at N=10 to 1.0x at N=500" in rmse
-    assert "vanishes at N=500 (1.0x)" in rmse
+    assert "vanishes at N=500 (1.0x, the CIs overlap)" in rmse
     # equal rewards: never clearly better, for CaDM and for BCQ-P (which has no RMSE: no RMSE sentence)
     reward = [f for f in findings if "reward" in f]
     assert len(reward) == 2 and all("never clearly above" in f and "N=10-500" in f for f in reward)
@@ -249,4 +249,5 @@ def test_findings_follow_the_focus_and_its_label():
     [rmse] = [f for f in findings if "RMSE" in f]
     assert rmse.startswith("cartpole/pure: CaDM (vanilla)'s RMSE is never clearly below persim's")
     assert "persim/CaDM (vanilla) RMSE ratio shrinks from 1.0x at N=10 to 0.5x at N=500" in rmse
+    assert "; persim's RMSE is clearly below CaDM (vanilla)'s at N=" in rmse and "N=10," not in rmse.split("; ")[-1]
     assert efficiency_findings(found, LABELS, focus="absent") == []

@@ -324,9 +324,13 @@ def _trend(first: float, last: float, show) -> str:
 def _compare(where: str, quantity: str, focus_label: str, base_label: str,
              pairs: list[tuple[int, EfficiencyPoint, EfficiencyPoint]], margin, clear, show) -> str:
     """One sentence on the focus's advantage over one baseline across N: where it first is clear (non-overlapping
-    CIs in the focus's favour), how the margin changes from the smallest to the largest N, where it vanishes."""
+    CIs in the focus's favour), how the margin changes from the smallest to the largest N, where it vanishes
+    (the CIs overlap again), and where the baseline is the clearly better one."""
     better = "below" if quantity == "RMSE" else "above"
     clear_at = [n for n, f, b in pairs if clear(f, b)]
+    reversed_at = [n for n, f, b in pairs if clear(b, f)]
+    baseline_better = (f"; {base_label}'s {quantity} is clearly {better} {focus_label}'s at "
+                       f"N={', '.join(map(str, reversed_at))}" if reversed_at else "")
     margins = {n: margin(f, b) for n, f, b in pairs}
     first_n, last_n = pairs[0][0], pairs[-1][0]
     unit = (f"the {base_label}/{focus_label} RMSE ratio" if quantity == "RMSE"
@@ -339,18 +343,18 @@ def _compare(where: str, quantity: str, focus_label: str, base_label: str,
               f"N={first_n} to {show(margins[last_n])} at N={last_n}")
     if not clear_at:
         return (f"{where}: {focus_label}'s {quantity} is never clearly {better} {base_label}'s (non-overlapping 95% "
-                f"CIs) at N={first_n}-{last_n}; {change}.")
+                f"CIs) at N={first_n}-{last_n}; {change}{baseline_better}.")
     appears = clear_at[0]
     sentence = (f"{where}: {focus_label}'s {quantity} is clearly {better} {base_label}'s (non-overlapping 95% CIs) "
                 f"from N={appears} ({show(margins[appears])}); {change}")
     gone = [n for n, _, _ in pairs if n > appears and n not in clear_at]
     if gone:
         back = [n for n in clear_at if n > gone[0]]
-        sentence += (f"; the advantage vanishes at N={gone[0]} ({show(margins[gone[0]])})"
+        sentence += (f"; the advantage vanishes at N={gone[0]} ({show(margins[gone[0]])}, the CIs overlap)"
                      + (f" and is clear again at N={back[0]}" if back else ""))
     elif appears != last_n:
         sentence += f"; it holds up to N={last_n}"
-    return sentence + "."
+    return sentence + baseline_better + "."
 
 
 def efficiency_findings(points: Iterable[EfficiencyPoint], labels: Mapping[str, str], focus: str = "persim"
