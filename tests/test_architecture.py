@@ -16,7 +16,7 @@ LAYERS = (
     ("persim_bench", "errors", "contracts", "analysis"),
     ("envs", "specs"),
     ("data",),
-    ("costmodel", "planning"),
+    ("costmodel", "planning", "roofline"),
     ("evaluate",),
     ("algos",),
     ("config",),

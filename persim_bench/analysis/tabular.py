@@ -154,15 +154,16 @@ TAB20 = ("#1f77b4", "#aec7e8", "#ff7f0e", "#ffbb78", "#2ca02c", "#98df8a", "#d62
 """matplotlib's tab20: ten hues, each dark then light."""
 
 METHOD_COLOURS = {
-    "persim": TAB20[6], "true_env_mpc": TAB20[14],
+    "persim": TAB20[6], "persim_no_factors": TAB20[7], "true_env_mpc": TAB20[14],
     "bcq_p": TAB20[0], "bcq_a": TAB20[1], "cadm_vanilla": TAB20[2], "cadm_pets": TAB20[3],
     "cql_p": TAB20[4], "cql_a": TAB20[5], "iql_p": TAB20[8], "iql_a": TAB20[9],
     "td3bc_p": TAB20[10], "td3bc_a": TAB20[11],
 }
 """One fixed colour per registered algorithm (``algos.registry.ALGORITHMS``), the same in every figure: PerSim
-red, the True-env reference grey, each baseline family one hue (its two variants dark and light)."""
+red (its ablation without agent factors light red), the True-env reference grey, each baseline family one hue
+(its two variants dark and light)."""
 
-SPARE_COLOURS = (TAB20[16], TAB20[18], TAB20[12], TAB20[17], TAB20[19], TAB20[13], TAB20[7], TAB20[15],
+SPARE_COLOURS = (TAB20[16], TAB20[18], TAB20[12], TAB20[17], TAB20[19], TAB20[13], "#9c9ede", TAB20[15],
                  "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#5254a3", "#8ca252", "#bd9e39",
                  "#ad494a", "#a55194", "#6b6ecf", "#b5cf6b", "#e7ba52", "#d6616b", "#ce6dbd", "#3182bd")
 """For methods without a fixed colour (PerSim's rank sweep, an algorithm added since): tab20's unused colours,
