@@ -88,6 +88,11 @@ class Trial:
             name = "-".join(parts + [f"s{trial.seed}"])
         return cls(**{**fields, "name": name})
 
+    @property
+    def in_data_size_cell(self) -> bool:
+        """Whether it trains on a subset of its dataset (a cell of the grid's ``data_sizes`` axes)."""
+        return self.agents is not None or self.steps_per_agent is not None
+
     def as_dict(self) -> dict:
         return asdict(self)
 

@@ -280,7 +280,7 @@ def load_trial_data(trial: Trial, ctx: TrialContext, costs: dict) -> Transitions
         raise ValueError(f"{trial.name or trial.algo}: this trial was given no dataset")
     with timed(costs, "load"):
         data = read_dataset(ctx.data_root, ctx.dataset)
-        if trial.agents is not None or trial.steps_per_agent is not None:
+        if trial.in_data_size_cell:
             data = take_subset(data, subset_agents(ctx.dataset, trial.agents), trial.steps_per_agent)
     family = get_env(trial.env)
     if not np.allclose(data.covariates[: len(family.test_agents)], family.test_agents):

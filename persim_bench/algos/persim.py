@@ -304,6 +304,8 @@ def _loss(model: PerSimEnsemble, obs_z, action, agent, target, chunk: int = 1638
 def fit_at_trial_rank(data: Transitions, trial: Trial, spec: PersimSpec, ctx: TrialContext, holdout: float = 0.0,
                       agent_factor: bool = True):
     """``fit_persim`` as a trial runs it: at the trial's rank and seed, reporting epochs, checkpointing."""
+    if trial.rank is None:
+        raise ValueError(f"{trial.env}/{trial.regime}: rank_cv chose no rank (all its trials failed)")
     return fit_persim(data, spec.model_copy(update={"rank": trial.rank}), trial.seed, holdout=holdout,
                       on_epoch=lambda epoch, m: ctx.report({"stage": "fit", "epoch": epoch + 1, **m}),
                       device=ctx.device, agent_factor=agent_factor, checkpoint=ctx.checkpoints)
@@ -316,8 +318,6 @@ def run_persim(trial: Trial, spec: PersimSpec, ctx: TrialContext) -> TrialOutput
     """
     costs: dict = {}
     data = load_trial_data(trial, ctx, costs)
-    if trial.rank is None:
-        raise ValueError(f"{trial.env}/{trial.regime}: rank_cv chose no rank (all its trials failed)")
     model, fit_metrics = fit_at_trial_rank(data, trial, spec, ctx)
     factors = AgentFactors(model.agent_factors(), data.covariates, tuple(get_env(trial.env).covariate_names),
                            f"PerSim agent factors, {trial.env} / {trial.regime} (rank {trial.rank}, seed {trial.seed})")
@@ -331,8 +331,6 @@ def run_persim_without_factors(trial: Trial, spec: PersimSpec, ctx: TrialContext
     PerSim is the value of personalisation, measured instead of assumed."""
     costs: dict = {}
     data = load_trial_data(trial, ctx, costs)
-    if trial.rank is None:
-        raise ValueError(f"{trial.env}/{trial.regime}: rank_cv chose no rank (all its trials failed)")
     model, fit_metrics = fit_at_trial_rank(data, trial, spec, ctx, agent_factor=False)
     return TrialOutput(fit_metrics, costs, models=[save_model(model, ctx)]) | evaluate_model(model, trial, ctx)
 
@@ -387,7 +385,7 @@ def persim_main_trials(grid: "Grid", fields: dict, chosen: dict[tuple[str, str, 
     else:
         rank, source = per_env(spec.rank, env), "pinned"
     trials = [Trial.named(**fields, rank=rank, rank_source=source)]
-    if spec.sweep_ranks and fields.get("agents") is None and fields.get("steps_per_agent") is None:
+    if spec.sweep_ranks and not trials[0].in_data_size_cell:
         trials += [Trial.named(**fields, rank=other, rank_source="sweep") for other in spec.rank_grid if other != rank]
     return trials
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from persim_bench.algos.registry import ALGORITHMS
 from persim_bench.config import Grid
+from persim_bench.contracts import Trial
 from persim_bench.costmodel import dataset_seconds, measure_rate, policy_job_seconds
 from persim_bench.data.dataset import DatasetError, dataset_dir, read_manifest
 from persim_bench.data.policies import policy_jobs
@@ -52,7 +53,7 @@ def dataset_rows(grid: Grid, env: str, regime: str, data_root: Path | None) -> i
     return grid.data.n_agents * cap
 
 
-def trial_rows(grid: Grid, trial, rows: int) -> int:
+def trial_rows(grid: Grid, trial: Trial, rows: int) -> int:
     """Transitions a trial reads of a dataset of ``rows``: a data-size cell's share of agents, each agent's
     trajectory (its mean length) cut at ``steps_per_agent``."""
     if trial.agents is not None:

@@ -230,7 +230,7 @@ def run_trial(config: dict, context: RunContext) -> None:
     ctx = trial_context(grid, trial, Path(context.data_root), Path(context.policy_root),
                         Path(tune.get_context().get_trial_dir()), device, progress.report,
                         progress.checkpoints(grid.checkpoint_seconds, device))
-    if ctx.dataset is not None and (trial.agents is not None or trial.steps_per_agent is not None):
+    if ctx.dataset is not None and trial.in_data_size_cell:
         subset = subset_record(ctx.dataset, trial.agents, trial.steps_per_agent)
         client.log_dict(run_id, subset, "data_subset.json")
         client.set_tag(run_id, "data_subset", subset["fingerprint"])
