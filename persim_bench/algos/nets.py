@@ -109,9 +109,11 @@ def swish(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(x, inplace=not torch.is_grad_enabled())
 
 
-# Rows per model call in planner steps: [M, hidden, chunk] activations then stay in cache, which made
-# the planner's 5 x 5000-row MountainCar step about 1.5x faster here (PerSim and CaDM).
-STEP_CHUNK = 512
+# Rows per model call in planner steps: [M, hidden, chunk] activations then stay in cache. 512 rows made
+# the planner's 5 x 5000-row MountainCar step about 1.5x faster than one pass; 256 rows keep a [5, 256,
+# chunk] activation (1.3 MB) inside the 2 MB L2 and gave another 1.13-1.2x on MountainCar and CartPole
+# PerSim (CaDM and HalfCheetah PerSim: the same within noise); docs/benchmarks.md.
+STEP_CHUNK = 256
 
 
 def in_row_chunks(predict, rows: int) -> torch.Tensor:
@@ -150,3 +152,40 @@ class EnsembleMLP(nn.Module):
             if i < len(self.layers) - 1:
                 x = self.activation(x)  # in place (ReLU always, swish without gradient): no fresh [M, hidden, B]
         return x
+
+    # Hand-written gradients (ReLU MLPs, no autograd): a small model's training step is per-op overhead
+    # and memory traffic, and autograd's graph costs both (PerSim's MountainCar step: 2.2x faster by hand).
+
+    def forward_keeping_inputs(self, x: torch.Tensor, workspace: Workspace) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``feature_major`` without autograd for x [M, in, B]; also returns each layer's input for ``backward``.
+        Hidden activations live in ``workspace``: valid until this MLP's next call on it."""
+        if self.activation is not torch.relu_:
+            raise NotImplementedError("hand-written gradients are for ReLU MLPs")
+        inputs, rows = [], x.shape[-1]
+        for i, layer in enumerate(self.layers):
+            inputs.append(x)
+            hidden = i < len(self.layers) - 1
+            out = workspace.get((id(self), "train", i), (*layer.weight.shape[:2], rows), x) if hidden else None
+            x = torch.baddbmm(layer.bias.detach(), layer.weight.detach(), x, out=out)
+            if hidden:
+                x = x.relu_()
+        return x, inputs
+
+    def backward(self, inputs: list[torch.Tensor], grad: torch.Tensor, workspace: Workspace) -> None:
+        """Set every layer's ``.grad`` from the gradient [M, out, B] of the output ``forward_keeping_inputs`` gave
+        for these ``inputs`` (the inputs themselves need none)."""
+        for i in reversed(range(len(self.layers))):
+            layer, x = self.layers[i], inputs[i]
+            # W's gradient g x^T [M, out, in]: MKL runs these skinny products 2-3x faster with the narrow
+            # side as the output's rows (2 in-features: 26 us against 78 us at MountainCar's sizes).
+            if layer.weight.shape[1] <= layer.weight.shape[2]:
+                layer.weight.grad = torch.bmm(grad, x.transpose(1, 2))
+            else:
+                layer.weight.grad = torch.bmm(x, grad.transpose(1, 2)).transpose(1, 2).contiguous()
+            layer.bias.grad = grad.sum(2, keepdim=True)
+            if i == 0:
+                return
+            out = workspace.get((id(self), "grad", i % 2), x.shape, x)
+            grad = torch.bmm(layer.weight.detach().transpose(1, 2), grad, out=out)
+            # through the ReLU whose output is this layer's input, in place
+            grad = torch.ops.aten.threshold_backward.grad_input(grad, x, 0.0, grad_input=grad)

@@ -67,10 +67,6 @@ class PersimSpec(Strict):
     normalize: bool | dict[str, bool] = True
     # Halve the learning rate every this many epochs (authors' code: 150; paper: no schedule).
     lr_halving_epochs: PositiveInt | None = None
-    # Compile the training step (forward, backward, optimizer) with torch.compile (inductor): at MountainCar
-    # sizes 1.5x faster per step on this CPU for a few seconds of compiling (docs/benchmarks.md); the same
-    # results up to floating-point reordering. Off by default: the numbers in docs/ were measured without.
-    compile: bool = False
 
     @field_validator("rank", "state_hidden", "normalize")
     @classmethod
@@ -137,6 +133,45 @@ class PerSimEnsemble(SavedModel, nn.Module):
         coef = (u * w).transpose(1, 2).unsqueeze(1)                        # [M, 1, r, B]
         return (v.unflatten(1, (self.obs_dim, self.rank)) * coef).sum(2).transpose(1, 2)
 
+    def loss_and_gradients(self, obs_z: torch.Tensor, action: torch.Tensor, agent: torch.Tensor,
+                           target: torch.Tensor) -> torch.Tensor:
+        """The training loss on member-batched rows, with every parameter's ``.grad`` set by hand (no autograd).
+
+        obs_z / target (normalised) [M, B, D], agent [M, B], action [M, B] (discrete) or [M, B, A]: member m's
+        rows in row m. The loss is the sum over members of each one's mean squared error, so each member gets
+        exactly the gradient of its own fit. Equal to autograd's (``autograd_train_step``) up to floating-point
+        reordering (tested); 2.2x faster per MountainCar step here (docs/benchmarks.md).
+        """
+        m, b, d = target.shape
+        ws = self.__dict__.setdefault("_workspace", Workspace())
+        v, state_inputs = self.state_encoder.forward_keeping_inputs(obs_z.transpose(1, 2), ws)  # [M, D * r, B]
+        u, agent_rows = self._rows(self.agent_table, agent)                                    # [M, B, r]
+        if self.discrete:
+            w, action_rows = self._rows(self.action_table, action)
+        else:
+            w, action_inputs = self.action_encoder.forward_keeping_inputs(action.transpose(1, 2), ws)
+            w = w.transpose(1, 2)
+        coef = (u * w).transpose(1, 2).contiguous()                                             # [M, r, B]
+        v = v.view(m, d, self.rank, b)
+        error = (v * coef.unsqueeze(1)).sum(2).sub_(target.transpose(1, 2))                    # [M, D, B]
+        loss = error.square().sum() / (b * d)
+        grad_delta = error.mul_(2.0 / (b * d))
+        self.state_encoder.backward(state_inputs, (grad_delta.unsqueeze(2) * coef.unsqueeze(1)).view(m, -1, b), ws)
+        grad_coef = (grad_delta.unsqueeze(2) * v).sum(1).transpose(1, 2)                       # [M, B, r]
+        self.agent_table.grad = _table_gradient(self.agent_table, agent_rows, grad_coef * w)
+        if self.discrete:
+            self.action_table.grad = _table_gradient(self.action_table, action_rows, grad_coef * u)
+        else:
+            self.action_encoder.backward(action_inputs, (grad_coef * u).transpose(1, 2), ws)
+        return loss
+
+    @staticmethod
+    def _rows(table: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows [M, B, r] of a per-member table [M, n, r] for ids [M, B], and their flat row numbers in it."""
+        members, n, r = table.shape
+        flat = (torch.arange(members, device=index.device)[:, None] * n + (index if n > 1 else 0 * index)).view(-1)
+        return table.detach().view(-1, r).index_select(0, flat).view(members, -1, r), flat
+
     @staticmethod
     def _lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         if table.shape[1] == 1:  # the shared vector of the no-agent-factor ablation
@@ -195,6 +230,12 @@ class PerSimEnsemble(SavedModel, nn.Module):
         return table.expand(-1, self.config["n_agents"], -1).numpy().copy()
 
 
+def _table_gradient(table: torch.Tensor, flat_rows: torch.Tensor, grad_rows: torch.Tensor) -> torch.Tensor:
+    """Gradient of a lookup table from its looked-up rows' gradients [M, B, r] (repeated rows add up)."""
+    r = table.shape[-1]
+    return torch.zeros_like(table).view(-1, r).index_add_(0, flat_rows, grad_rows.reshape(-1, r)).view_as(table)
+
+
 def _uniform(shape: tuple[int, ...], fan_in: int, gen: torch.Generator) -> torch.Tensor:
     bound = fan_in ** -0.5
     return torch.empty(shape).uniform_(-bound, bound, generator=gen)
@@ -240,7 +281,6 @@ def fit_persim(data: Transitions, spec: PersimSpec, seed: int, *, holdout: float
     schedule = (torch.optim.lr_scheduler.StepLR(optimizer, spec.lr_halving_epochs, gamma=0.5)
                 if spec.lr_halving_epochs else None)
     shuffle = torch.Generator(device=device).manual_seed(int(shuffle_seed))
-    step = torch.compile(train_step) if spec.compile else train_step
     members, n_train = model.n_members, len(train_rows)
     metrics: dict = {}
     first = 0
@@ -256,10 +296,11 @@ def fit_persim(data: Transitions, spec: PersimSpec, seed: int, *, holdout: float
     for epoch in range(first, spec.epochs):
         # An independent permutation per member: row perm[m, i] is member m's i-th sample.
         perm = train_rows[torch.argsort(torch.rand(members, n_train, generator=shuffle, device=device), dim=1)]
+        shuffled = [values[perm] for values in (obs_z, action, agent, target)]  # one gather per epoch, not per step
         total, lr = torch.zeros((), device=device), optimizer.param_groups[0]["lr"]
         for start in range(0, n_train, spec.batch_size):
-            rows = perm[:, start:start + spec.batch_size]
-            total += step(model, optimizer, obs_z, action, agent, target, rows) * rows.shape[1]
+            batch = [values[:, start:start + spec.batch_size] for values in shuffled]
+            total += train_step(model, optimizer, *batch) * batch[0].shape[1]
         if schedule:
             schedule.step()
         metrics = {"train_loss": total.item() / (n_train * members), "lr": lr}
@@ -277,11 +318,18 @@ def fit_persim(data: Transitions, spec: PersimSpec, seed: int, *, holdout: float
 
 
 def train_step(model: PerSimEnsemble, optimizer: torch.optim.Optimizer, obs_z: torch.Tensor, action: torch.Tensor,
-               agent: torch.Tensor, target: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """One gradient step of every member on its own rows [M, batch] of the dataset; returns the loss (detached)."""
-    error = model(obs_z[rows], action[rows], agent[rows]) - target[rows]
-    # Sum of per-member means: each member gets exactly the gradient of its own fit.
-    loss = error.square().mean(dim=(1, 2)).sum()
+               agent: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """One gradient step of every member on its own rows (inputs [M, batch, ...]); returns the loss."""
+    with torch.no_grad():
+        loss = model.loss_and_gradients(obs_z, action, agent, target)
+        optimizer.step()
+    return loss
+
+
+def autograd_train_step(model: PerSimEnsemble, optimizer: torch.optim.Optimizer, obs_z: torch.Tensor,
+                        action: torch.Tensor, agent: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``train_step`` through autograd: the reference its hand-written gradients are tested and benchmarked against."""
+    loss = (model(obs_z, action, agent) - target).square().mean(dim=(1, 2)).sum()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
