@@ -15,7 +15,7 @@ from pathlib import Path
 import gymnasium
 import numpy as np
 
-from persim_bench.config import Grid
+from persim_bench.config import Grid, load_grid
 from persim_bench.envs import get_env
 from persim_bench.errors import BenchError
 from persim_bench.gpu_check import mpc_throughput_vs_matmul, timed
@@ -251,18 +251,20 @@ def model_benchmarks(quick: bool) -> list[dict]:
 # ---------------------------------------------------------------- small models against the roofline
 
 
-def _fit_and_plan_steps(env: str, algo: str, planner_rows: int, autograd: bool = False):
+def _fit_and_plan_steps(env: str, algo: str, planner_rows: int, rate: float, autograd: bool = False):
     """(one training step, one planner model step) of ``algo`` at paper sizes on ``env``'s random data: the two
-    calls a trial spends its time in, as closures over fixed inputs (the planner's ``planner_rows`` model rows).
+    calls a trial spends its time in, as closures over fixed inputs (the planner's ``planner_rows`` model rows:
+    PerSim's 5 members each step planner_rows / 5 states, Vanilla CaDM's one net all of them), and what the cost
+    model prices each call at (seconds at ``rate``, paper grid).
     ``autograd``: PerSim's training step through autograd (the code before its hand-written gradients)."""
     import torch
 
     from persim_bench.algos import cadm, persim
 
-    family = get_env(env)
+    family, paper = get_env(env), load_grid("paper")
     data = persim_data(env, 100, family.horizon)
     rng = torch.Generator().manual_seed(0)
-    planner_batch = planner_rows // 5
+    planner_batch = planner_rows // 5 if algo == "persim" else planner_rows
     obs = torch.randn(5 if algo == "persim" else 1, planner_batch, family.obs_dim)
     action = torch.as_tensor(family.random_actions(np.random.default_rng(0), planner_batch))
     if algo == "persim":
@@ -270,13 +272,20 @@ def _fit_and_plan_steps(env: str, algo: str, planner_rows: int, autograd: bool =
         model = persim.PerSimEnsemble.from_spec(spec, env, data.n_agents, seed=0)
         dataset = [torch.as_tensor(values) for values in (data.obs, data.action, data.agent, data.next_obs - data.obs)]
         optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr, fused=True)
-        train_step = persim.autograd_train_step if autograd else persim.train_step
+        # As fit_persim runs them: 64 batches of one gather (per epoch there); the code before gathered every step.
+        batches = torch.randint(len(data), (5, 64, spec.batch_size), generator=rng)
+        shuffled = [values[batches] for values in dataset]
+        calls = iter(range(1 << 62))
 
         def fit_step():
-            rows = torch.randint(len(data), (5, spec.batch_size), generator=rng)
-            return train_step(model, optimizer, *(values[rows] for values in dataset))
+            batch = next(calls) % 64
+            if autograd:
+                return persim.autograd_train_step(model, optimizer, *(values[batches[:, batch]] for values in dataset))
+            return persim.train_step(model, optimizer, *(values[:, batch] for values in shuffled))
 
         planner_agents = torch.zeros(planner_batch, dtype=torch.long)
+        priced = (persim.persim_step_seconds(paper, env, BENCH_RANK[env], rate),
+                  persim.persim_dynamics(paper, env, BENCH_RANK[env]).step_seconds(planner_batch, rate))
     else:
         spec = cadm.CadmSpec()
         model = cadm.CadmModel.from_spec(spec, env, probabilistic=False, seed=0)
@@ -294,32 +303,36 @@ def _fit_and_plan_steps(env: str, algo: str, planner_rows: int, autograd: bool =
                                         ).reshape(episodes, spec.history, *([] if family.discrete else [-1])))
         planner_agents = torch.arange(planner_batch) % episodes
         obs = obs.expand(model.n_members, -1, -1).contiguous()
+        priced = (cadm.cadm_step_seconds(paper, env, False, rate),
+                  cadm.cadm_dynamics(paper, env, False).step_seconds(planner_batch, rate))
 
     @torch.no_grad()
     def plan_step():
         return model.step(obs, action, planner_agents)
 
-    return fit_step, plan_step
+    return fit_step, plan_step, priced
 
 
 def small_model_rows(envs=("mountaincar", "cartpole"), threads=(1, 2), planner_rows: int = 100_000) -> list[dict]:
     """Fit gradient steps/s and planner model rows/s of PerSim and Vanilla CaDM at paper sizes on the small envs,
-    each against this machine's roofline for the same ops (``roofline``), measured in the same run."""
+    each against this machine's roofline for the same ops (``roofline``), measured in the same run, and against
+    what ``--dry-run``'s cost model prices the call at (one thread: the cost model prices one core per trial)."""
     import torch
 
+    from persim_bench.costmodel import measure_rate
     from persim_bench.roofline import best_seconds, count_work, limit_seconds, machine_rates
 
-    previous, rows = torch.get_num_threads(), []
+    previous, rows, rate = torch.get_num_threads(), [], measure_rate()
     try:
         for n in threads:
             rates = machine_rates(n)
             torch.set_num_threads(n)
             for env in envs:
                 for algo, label in (("persim", "PerSim"), ("cadm", "Vanilla CaDM")):
-                    fit_step, plan_step = _fit_and_plan_steps(env, algo, planner_rows)
-                    for what, fn, unit, per_call, target in (
-                            ("fit", fit_step, "gradient steps/s", 1, None),
-                            ("planner", plan_step, "model rows/s", planner_rows, 0.4)):
+                    fit_step, plan_step, priced = _fit_and_plan_steps(env, algo, planner_rows, rate)
+                    for what, fn, unit, per_call, target, price in (
+                            ("fit", fit_step, "gradient steps/s", 1, None, priced[0]),
+                            ("planner", plan_step, "model rows/s", planner_rows, 0.4, priced[1])):
                         seconds, ops = best_seconds(fn), count_work(fn)
                         limit = limit_seconds(ops, rates)
                         memory = sum(rates.op_seconds(macs, size) for macs, size in ops
@@ -327,9 +340,9 @@ def small_model_rows(envs=("mountaincar", "cartpole"), threads=(1, 2), planner_r
                         rows.append({"what": f"{env}: {label} {what} ({unit})", "threads": n,
                                      "ours": per_call / seconds, "limit": per_call / limit, "share": limit / seconds,
                                      "bound": "memory" if memory > limit / 2 else "compute", "target": target,
-                                     "rates": rates})
+                                     "rates": rates, "priced": price / seconds if n == 1 else None})
                     if algo == "persim":  # against the autograd step it replaced, in the same run
-                        autograd_step, _ = _fit_and_plan_steps(env, algo, planner_rows, autograd=True)
+                        autograd_step, _, _ = _fit_and_plan_steps(env, algo, planner_rows, rate, autograd=True)
                         seconds = best_seconds(autograd_step)
                         fit = rows[-2]
                         fit["versus"], fit["target"] = fit["ours"] * seconds, 3.0
@@ -340,14 +353,15 @@ def small_model_rows(envs=("mountaincar", "cartpole"), threads=(1, 2), planner_r
 
 def render_roofline(rows: list[dict]) -> str:
     """Targets: the planner's share of the limit; the fit's speed-up over the autograd step it replaced (``versus``)."""
-    lines = ["| benchmark | threads | ours | roofline limit | share of limit | bound by | vs the code it replaced | target |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| benchmark | threads | ours | roofline limit | share of limit | bound by | vs the code it replaced "
+             "| cost model / measured | target |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         reached = r.get("versus", r["share"])
         target = "-" if r["target"] is None else f">= {r['target']}" + ("" if reached >= r["target"] else ": **not met**")
         versus = f"{r['versus']:.2f}x" if "versus" in r else "-"
+        priced = "-" if r["priced"] is None else f"{r['priced']:.2f}"
         lines.append(f"| {r['what']} | {r['threads']} | {r['ours']:,.0f} | {r['limit']:,.0f} | {r['share']:.2f} | "
-                     f"{r['bound']} | {versus} | {target} |")
+                     f"{r['bound']} | {versus} | {priced} | {target} |")
     rates = {r["threads"]: r["rates"] for r in rows}
     lines.append("")
     lines += [f"Machine, {n} thread(s): dense matmul {rate.macs_per_second / 1e9:.1f} G multiply-adds/s; read "

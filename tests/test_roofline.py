@@ -53,5 +53,6 @@ def test_bench_small_reports_shares_of_the_limit_and_the_speed_up_of_the_fit():
     for row in rows:
         assert row["ours"] > 0 and 0 < row["share"] < 1.5 and row["bound"] in ("memory", "compute")
     assert rows[0]["versus"] > 0 and rows[0]["target"] == 3.0
+    assert all(0.05 < row["priced"] < 20 for row in rows)  # the cost model prices each call within reason
     table = bench.render_roofline(rows)
-    assert "vs the code it replaced" in table and "G multiply-adds/s" in table
+    assert "vs the code it replaced" in table and "cost model / measured" in table and "G multiply-adds/s" in table

@@ -402,32 +402,43 @@ def cadm_nets(grid: "Grid", env: str, probabilistic: bool) -> tuple[tuple[int, .
             (inputs, *spec.hidden, 2 * d if probabilistic else d), (inputs, *spec.hidden, d))
 
 
+def cadm_step_seconds(grid: "Grid", env: str, probabilistic: bool, rate: float) -> float:
+    """One gradient step: a batch of (context, target) pairs through every member's nets, forward and backward."""
+    spec = grid.cadm
+    members = spec.pets_members if probabilistic else 1
+    nets = cadm_nets(grid, env, probabilistic)
+    # The weight penalty touches every layer once more per step (forward and backward).
+    seconds = STEP_SECONDS["ours"] + TRAIN * sum(len(net) - 1 for net in nets) * LAYER_SECONDS
+    return seconds + sum(mlp_seconds(net, spec.batch_size * members, 1, rate, TRAIN, swish)
+                         for net, swish in zip(nets, (False, True, True)))
+
+
 def cadm_fit_seconds(grid: "Grid", env: str, rows: int, probabilistic: bool, rate: float) -> float:
     spec = grid.cadm
     members = spec.pets_members if probabilistic else 1
     n_valid = min(int(rows * spec.valid_split), VALID_WINDOWS_CAP)
     train_pairs, valid_pairs = (rows - n_valid) * spec.future, n_valid * spec.future
     epochs = spec.iterations * spec.epochs_per_iteration
-    steps = epochs * math.ceil(train_pairs / spec.batch_size)
-    nets = cadm_nets(grid, env, probabilistic)
-    # The weight penalty touches every layer once more per step (forward and backward).
-    seconds = steps * (STEP_SECONDS["ours"] + TRAIN * sum(len(net) - 1 for net in nets) * LAYER_SECONDS)
-    for net, swish in zip(nets, (False, True, True)):
-        seconds += mlp_seconds(net, epochs * train_pairs * members, steps, rate, TRAIN, swish)
+    seconds = epochs * math.ceil(train_pairs / spec.batch_size) * cadm_step_seconds(grid, env, probabilistic, rate)
+    for net, swish in zip(cadm_nets(grid, env, probabilistic), (False, True, True)):
         seconds += mlp_seconds(net, epochs * valid_pairs * members, epochs, rate, swish=swish)
     return seconds
 
 
-def cadm_trial_seconds(grid: "Grid", trial: Trial, rows: int, rate: float) -> float:
-    probabilistic, env = trial.algo == "cadm_pets", trial.env
+def cadm_dynamics(grid: "Grid", env: str, probabilistic: bool) -> Dynamics:
+    """What one model step costs: every particle's row through the forward net, the context encoder per decision."""
     encoder, forward, _ = cadm_nets(grid, env, probabilistic)
     particles = grid.cadm.pets_particles if probabilistic else 1
     members = grid.cadm.pets_members if probabilistic else 1
     # CaDM's step chunks STEP_CHUNK rows per net member, i.e. particles / members rows per state.
     chunk = max(1, STEP_CHUNK * members // particles)
-    model = Dynamics(env, (forward,), particles, chunk, encoder=encoder, swish=True, call_seconds=CADM_STEP_SECONDS)
-    fit = cadm_fit_seconds(grid, env, rows, probabilistic, rate)
-    return fit + evaluation_seconds(grid, env, model, rate)
+    return Dynamics(env, (forward,), particles, chunk, encoder=encoder, swish=True, call_seconds=CADM_STEP_SECONDS)
+
+
+def cadm_trial_seconds(grid: "Grid", trial: Trial, rows: int, rate: float) -> float:
+    probabilistic = trial.algo == "cadm_pets"
+    fit = cadm_fit_seconds(grid, trial.env, rows, probabilistic, rate)
+    return fit + evaluation_seconds(grid, trial.env, cadm_dynamics(grid, trial.env, probabilistic), rate)
 
 
 ALGORITHMS = [

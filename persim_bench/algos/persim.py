@@ -447,24 +447,33 @@ def persim_nets(grid: "Grid", env: str, rank: int) -> tuple[tuple[int, ...], ...
     return (state,) if family.discrete else (state, (family.action_dim, *spec.action_hidden, rank))
 
 
+def persim_step_seconds(grid: "Grid", env: str, rank: int, rate: float) -> float:
+    """One gradient step: batch rows through every member's nets, forward and backward, plus the step's own work."""
+    spec = grid.persim
+    return STEP_SECONDS["ours"] + sum(mlp_seconds(net, spec.batch_size * spec.ensemble, 1, rate, TRAIN)
+                                      for net in persim_nets(grid, env, rank))
+
+
 def persim_fit_seconds(grid: "Grid", env: str, rows: int, rank: int, holdout: float, rate: float) -> float:
     spec = grid.persim
     n_val = round(holdout * rows)
     n_train = rows - n_val
-    steps = spec.epochs * math.ceil(n_train / spec.batch_size)
-    seconds = steps * STEP_SECONDS["ours"]
-    for net in persim_nets(grid, env, rank):
-        seconds += mlp_seconds(net, spec.epochs * n_train * spec.ensemble, steps, rate, TRAIN)
-        if n_val:  # val_loss after every epoch, in chunks of 16384 rows
-            chunks = spec.epochs * math.ceil(n_val / 16384)
-            seconds += mlp_seconds(net, spec.epochs * n_val * spec.ensemble, chunks, rate)
+    seconds = spec.epochs * math.ceil(n_train / spec.batch_size) * persim_step_seconds(grid, env, rank, rate)
+    if n_val:  # val_loss after every epoch, in chunks of 16384 rows
+        chunks = spec.epochs * math.ceil(n_val / 16384)
+        seconds += sum(mlp_seconds(net, spec.epochs * n_val * spec.ensemble, chunks, rate)
+                       for net in persim_nets(grid, env, rank))
     return seconds
 
 
+def persim_dynamics(grid: "Grid", env: str, rank: int) -> Dynamics:
+    """What one model step costs: the planner's and the prediction test's calls, in STEP_CHUNK-row chunks."""
+    return Dynamics(env, persim_nets(grid, env, rank), grid.persim.ensemble, STEP_CHUNK)
+
+
 def persim_trial_seconds(grid: "Grid", trial: Trial, rows: int, rate: float) -> float:
-    model = Dynamics(trial.env, persim_nets(grid, trial.env, trial.rank), grid.persim.ensemble, STEP_CHUNK)
     return (persim_fit_seconds(grid, trial.env, rows, trial.rank, 0.0, rate)
-            + evaluation_seconds(grid, trial.env, model, rate))
+            + evaluation_seconds(grid, trial.env, persim_dynamics(grid, trial.env, trial.rank), rate))
 
 
 def evaluate_persim(model: PerSimEnsemble, trial: Trial, spec: PersimSpec, ctx: TrialContext) -> TrialOutput:
