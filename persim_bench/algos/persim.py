@@ -183,41 +183,47 @@ class PerSimEnsemble(SavedModel, nn.Module):
     def step(self, obs: torch.Tensor, action: torch.Tensor, agent: torch.Tensor) -> torch.Tensor:
         """obs [M, B, D] raw, action [B] long or [B, A], agent [B] long -> next obs [M, B, D] raw.
 
-        Rows go through in chunks of STEP_CHUNK: the [M, hidden, chunk] activations then stay in
-        cache, which made the planner's 5 x 5000-row MountainCar step about 1.5x faster here.
         Without gradient (planning, prediction) every intermediate lives in a reused workspace and
         the result is the only fresh tensor: the same arithmetic, without a page-faulting
-        allocation per layer and chunk (``nets.Workspace``).
+        allocation per layer and chunk (``nets.Workspace``). Only the state encoder runs in chunks
+        of STEP_CHUNK rows (and a continuous action encoder), so their [M, hidden, chunk] activations
+        stay in cache; normalisation, table lookups and the output's scaling run once for all rows
+        (a MountainCar chunk is small enough that per-op overhead counts).
         """
         if torch.is_grad_enabled():
             delta = in_row_chunks(lambda rows: self(self.normalized(obs[:, rows]), action[rows], agent[rows]),
                                   obs.shape[1])
             return obs + self.delta_mean + self.delta_std * delta
-        result = obs + self.delta_mean
-        for start in range(0, obs.shape[1], STEP_CHUNK):
-            rows = slice(start, start + STEP_CHUNK)
-            result[:, rows].add_(self._scaled_delta(obs[:, rows], action[rows], agent[rows]).transpose(1, 2))
-        return result
-
-    def _scaled_delta(self, obs: torch.Tensor, action: torch.Tensor, agent: torch.Tensor) -> torch.Tensor:
-        """delta_std * (normalised delta), feature-major [M, D, B], from raw obs [M, B, D]: ``forward`` (then
-        de-normalised) computed in the workspace; the returned view is valid until the next call."""
         ws = self.__dict__.setdefault("_workspace", Workspace())  # not a module attribute: never saved or moved
         m, b, d = obs.shape
-        obs_z = torch.sub(obs.transpose(1, 2), self.obs_mean[:, None], out=ws.get("obs", (m, d, b), obs))
-        v = self.state_encoder.feature_major(obs_z.div_(self.obs_std[:, None]), ws)      # [M, D * r, B]
-        if self.agent_table.shape[1] == 1:  # the no-agent-factor ablation: one shared u
-            u = self.agent_table.transpose(1, 2)                                           # [M, r, 1]
-        else:
-            u = torch.index_select(self.agent_table, 1, agent, out=ws.get("u", (m, b, self.rank), obs)).transpose(1, 2)
+        # Normalised states, feature-major, with a row of ones that carries the first layer's bias.
+        obs_z = ws.get("obs", (m, d + 1, b), obs)
+        torch.sub(obs.transpose(1, 2), self.obs_mean[:, None], out=obs_z[:, :d]).div_(self.obs_std[:, None])
+        obs_z[:, d].fill_(1.0)
+        first_weight = self.state_encoder.layers[0].with_bias_column()                     # [M, hidden, D + 1]
+        # Table lookups are cheap once for all rows; the continuous action encoder is an MLP, run per chunk.
+        coef = self._coefficients(action, agent, ws) if self.discrete else None            # [M, r, B]
+        delta = ws.get("delta", (m, d, b), obs)
+        for start in range(0, b, STEP_CHUNK):
+            rows = slice(start, start + STEP_CHUNK)
+            chunk_coef = coef[..., rows] if self.discrete else self._coefficients(action[rows], agent[rows], ws)
+            v = self.state_encoder.feature_major(obs_z[..., rows], ws, first_weight)       # [M, D * r, chunk]
+            products = v.view(m, d, self.rank, -1).mul_(chunk_coef.unsqueeze(1))
+            torch.sum(products, 2, out=delta[..., rows])
+        return (obs + self.delta_mean).add_(delta.mul_(self.delta_std[:, None]).transpose(1, 2))
+
+    def _coefficients(self, action: torch.Tensor, agent: torch.Tensor, ws: Workspace) -> torch.Tensor:
+        """u(agent) * w(action), feature-major [M, r, B], in the workspace (valid until it is asked for again)."""
+        m, b = self.n_members, len(agent)
         if self.discrete:
-            w = torch.index_select(self.action_table, 1, action, out=ws.get("w", (m, b, self.rank), obs)).transpose(1, 2)
+            w = torch.index_select(self.action_table, 1, action, out=ws.get("w", (m, b, self.rank), self.action_table))
+            w = w.transpose(1, 2)
         else:
-            w = self.action_encoder.feature_major(action.transpose(0, 1), ws)            # [M, r, B]
-        coef = w.mul_(u)                                                                   # [M, r, B]
-        products = v.view(m, d, self.rank, b).mul_(coef.unsqueeze(1))
-        delta = torch.sum(products, 2, out=ws.get("delta", (m, d, b), obs))
-        return delta.mul_(self.delta_std[:, None])
+            w = self.action_encoder.feature_major(action.transpose(0, 1), ws)             # [M, r, B]
+        if self.agent_table.shape[1] == 1:  # the no-agent-factor ablation: one shared u
+            return w.mul_(self.agent_table.transpose(1, 2))
+        u = torch.index_select(self.agent_table, 1, agent, out=ws.get("u", (m, b, self.rank), self.agent_table))
+        return w.mul_(u.transpose(1, 2))
 
     def __getstate__(self):  # pickles and deep copies leave the scratch workspace behind
         state = self.__dict__.copy()
