@@ -408,7 +408,7 @@ def cadm_step_seconds(grid: "Grid", env: str, probabilistic: bool, rate: float) 
     members = spec.pets_members if probabilistic else 1
     nets = cadm_nets(grid, env, probabilistic)
     # The weight penalty touches every layer once more per step (forward and backward).
-    seconds = STEP_SECONDS["ours"] + TRAIN * sum(len(net) - 1 for net in nets) * LAYER_SECONDS
+    seconds = STEP_SECONDS["cadm"] + TRAIN * sum(len(net) - 1 for net in nets) * LAYER_SECONDS
     return seconds + sum(mlp_seconds(net, spec.batch_size * members, 1, rate, TRAIN, swish)
                          for net, swish in zip(nets, (False, True, True)))
 

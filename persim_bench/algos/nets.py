@@ -113,11 +113,10 @@ def swish(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(x, inplace=not torch.is_grad_enabled())
 
 
-# Rows per model call in planner steps: [M, hidden, chunk] activations then stay in cache. 512 rows made
-# the planner's 5 x 5000-row MountainCar step about 1.5x faster than one pass; 256 rows keep a [5, 256,
-# chunk] activation (1.3 MB) inside the 2 MB L2 and gave another 1.13-1.2x on MountainCar and CartPole
-# PerSim (CaDM and HalfCheetah PerSim: the same within noise); docs/benchmarks.md.
-STEP_CHUNK = 256
+# Rows per model call in planner steps: [M, hidden, chunk] activations then stay in cache, which made
+# the planner's 5 x 5000-row MountainCar step about 1.5x faster here (PerSim and CaDM). 256 rows
+# measured the same within noise for PerSim's small models and 3-6 % slower at HalfCheetah sizes.
+STEP_CHUNK = 512
 
 
 def in_row_chunks(predict, rows: int) -> torch.Tensor:

@@ -27,7 +27,7 @@ from persim_bench.algos.nets import (
     STEP_CHUNK, EnsembleMLP, SavedModel, Workspace, in_row_chunks, register_data_box, set_data_box,
 )
 from persim_bench.contracts import AgentFactors, Algorithm, Checkpoints, PreStage, Trial, TrialContext, TrialOutput
-from persim_bench.costmodel import STEP_SECONDS, TRAIN, Dynamics, evaluation_seconds, mlp_seconds
+from persim_bench.costmodel import PERSIM_CHUNK_SECONDS, STEP_SECONDS, TRAIN, Dynamics, evaluation_seconds, mlp_seconds
 from persim_bench.data.dataset import Transitions
 from persim_bench.envs import get_env
 from persim_bench.evaluate import evaluate_model, load_trial_data, save_model, saved_model_loader
@@ -186,7 +186,7 @@ class PerSimEnsemble(SavedModel, nn.Module):
         Without gradient (planning, prediction) every intermediate lives in a reused workspace and
         the result is the only fresh tensor: the same arithmetic, without a page-faulting
         allocation per layer and chunk (``nets.Workspace``). Only the state encoder runs in chunks
-        of STEP_CHUNK rows (and a continuous action encoder), so their [M, hidden, chunk] activations
+        of ``step_chunk`` rows (and a continuous action encoder), so their [M, hidden, chunk] activations
         stay in cache; normalisation, table lookups and the output's scaling run once for all rows
         (a MountainCar chunk is small enough that per-op overhead counts).
         """
@@ -204,8 +204,9 @@ class PerSimEnsemble(SavedModel, nn.Module):
         # Table lookups are cheap once for all rows; the continuous action encoder is an MLP, run per chunk.
         coef = self._coefficients(action, agent, ws) if self.discrete else None            # [M, r, B]
         delta = ws.get("delta", (m, d, b), obs)
-        for start in range(0, b, STEP_CHUNK):
-            rows = slice(start, start + STEP_CHUNK)
+        chunk = step_chunk(max((layer.weight.shape[1] for layer in self.state_encoder.layers[:-1]), default=0))
+        for start in range(0, b, chunk):
+            rows = slice(start, start + chunk)
             chunk_coef = coef[..., rows] if self.discrete else self._coefficients(action[rows], agent[rows], ws)
             v = self.state_encoder.feature_major(obs_z[..., rows], ws, first_weight)       # [M, D * r, chunk]
             products = v.view(m, d, self.rank, -1).mul_(chunk_coef.unsqueeze(1))
@@ -234,6 +235,16 @@ class PerSimEnsemble(SavedModel, nn.Module):
         """Learned u(n) for every member and agent, [M, n_agents, r] (Figure 1's t-SNE input)."""
         table = self.agent_table.detach().cpu()
         return table.expand(-1, self.config["n_agents"], -1).numpy().copy()
+
+
+def step_chunk(widest: int) -> int:
+    """Rows per state-encoder call in a planner step, for an encoder whose widest hidden layer has ``widest`` units.
+
+    256 rows keep a small model's [5, 256, chunk] activation (1.3 MB) in the 2 MB L2: MountainCar's
+    planner at 0.47 of its roofline against 0.36 at 512 rows (`persim-bench bench small`, one thread);
+    HalfCheetah's 512-wide layers are 3-6 % faster at 512.
+    """
+    return STEP_CHUNK // 2 if widest <= 256 else STEP_CHUNK
 
 
 def _table_gradient(table: torch.Tensor, flat_rows: torch.Tensor, grad_rows: torch.Tensor) -> torch.Tensor:
@@ -456,7 +467,7 @@ def persim_nets(grid: "Grid", env: str, rank: int) -> tuple[tuple[int, ...], ...
 def persim_step_seconds(grid: "Grid", env: str, rank: int, rate: float) -> float:
     """One gradient step: batch rows through every member's nets, forward and backward, plus the step's own work."""
     spec = grid.persim
-    return STEP_SECONDS["ours"] + sum(mlp_seconds(net, spec.batch_size * spec.ensemble, 1, rate, TRAIN)
+    return STEP_SECONDS["persim"] + sum(mlp_seconds(net, spec.batch_size * spec.ensemble, 1, rate, TRAIN)
                                       for net in persim_nets(grid, env, rank))
 
 
@@ -473,8 +484,10 @@ def persim_fit_seconds(grid: "Grid", env: str, rows: int, rank: int, holdout: fl
 
 
 def persim_dynamics(grid: "Grid", env: str, rank: int) -> Dynamics:
-    """What one model step costs: the planner's and the prediction test's calls, in STEP_CHUNK-row chunks."""
-    return Dynamics(env, persim_nets(grid, env, rank), grid.persim.ensemble, STEP_CHUNK)
+    """What one model step costs: the planner's and the prediction test's calls, in ``step_chunk``-row chunks."""
+    nets = persim_nets(grid, env, rank)
+    return Dynamics(env, nets, grid.persim.ensemble, step_chunk(max(nets[0][1:-1], default=0)),
+                    call_seconds=PERSIM_CHUNK_SECONDS)
 
 
 def persim_trial_seconds(grid: "Grid", trial: Trial, rows: int, rate: float) -> float:
