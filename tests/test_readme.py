@@ -86,3 +86,22 @@ def test_documented_command_lines_parse(page, capsys):
         except SystemExit as exit_:
             err = capsys.readouterr().err
             pytest.fail(f"{page.name}: `persim-bench {shlex.join(argv)}` does not parse (exit {exit_.code}): {err}")
+
+
+YAML_BLOCK = re.compile(r"^```yaml\n(.*?)^```", re.S | re.M)
+
+
+def documented_grids(page: Path) -> list[str]:
+    """The YAML blocks of a page that are whole grids (``extends:`` a shipped one), not a section's snippet."""
+    return [block for block in YAML_BLOCK.findall(page.read_text()) if re.search(r"^extends:", block, re.M)]
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if documented_grids(p)], ids=lambda p: p.name)
+def test_documented_grids_load(page, tmp_path):
+    """Every grid a page shows is a valid grid: the fields it names exist and their values pass validation."""
+    from persim_bench.config import load_grid
+
+    for i, block in enumerate(documented_grids(page)):
+        path = tmp_path / f"grid{i}.yaml"
+        path.write_text(block)
+        assert load_grid(path).name, f"{page.name}: grid {i} has no name"

@@ -165,7 +165,7 @@ class EnsembleMLP(nn.Module):
         return x
 
     # Hand-written gradients (ReLU MLPs, no autograd): a small model's training step is per-op overhead
-    # and memory traffic, and autograd's graph costs both (PerSim's MountainCar step: 2.2x faster by hand).
+    # and memory traffic, and autograd's graph costs both (PerSim's MountainCar step: 1.6-1.7x faster by hand).
 
     def forward_keeping_inputs(self, x: torch.Tensor, workspace: Workspace) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``feature_major`` without autograd for x [M, in, B]; also returns each layer's input for ``backward``.

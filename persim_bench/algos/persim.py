@@ -140,7 +140,7 @@ class PerSimEnsemble(SavedModel, nn.Module):
         obs_z / target (normalised) [M, B, D], agent [M, B], action [M, B] (discrete) or [M, B, A]: member m's
         rows in row m. The loss is the sum over members of each one's mean squared error, so each member gets
         exactly the gradient of its own fit. Equal to autograd's (``autograd_train_step``) up to floating-point
-        reordering (tested); 2.2x faster per MountainCar step here (docs/benchmarks.md).
+        reordering (tested); 1.6-1.7x faster per MountainCar step here, 1.1-1.35x CartPole (docs/benchmarks.md).
         """
         m, b, d = target.shape
         ws = self.__dict__.setdefault("_workspace", Workspace())
