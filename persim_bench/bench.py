@@ -7,6 +7,7 @@ not hidden.
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import tempfile
 import time
@@ -275,10 +276,10 @@ def _fit_and_plan_steps(env: str, algo: str, planner_rows: int, rate: float, aut
         # As fit_persim runs them: 64 batches of one gather (per epoch there); the code before gathered every step.
         batches = torch.randint(len(data), (5, 64, spec.batch_size), generator=rng)
         shuffled = [values[batches] for values in dataset]
-        calls = iter(range(1 << 62))
+        order = itertools.cycle(range(64))
 
         def fit_step():
-            batch = next(calls) % 64
+            batch = next(order)
             if autograd:
                 return persim.autograd_train_step(model, optimizer, *(values[batches[:, batch]] for values in dataset))
             return persim.train_step(model, optimizer, *(values[:, batch] for values in shuffled))
