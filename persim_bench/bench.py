@@ -252,17 +252,17 @@ def model_benchmarks(quick: bool) -> list[dict]:
 # ---------------------------------------------------------------- small models against the roofline
 
 
-def _fit_and_plan_steps(env: str, algo: str, planner_rows: int, rate: float, autograd: bool = False):
+def _fit_and_plan_steps(env: str, algo: str, planner_rows: int, paper: Grid, rate: float, autograd: bool = False):
     """(one training step, one planner model step) of ``algo`` at paper sizes on ``env``'s random data: the two
     calls a trial spends its time in, as closures over fixed inputs (the planner's ``planner_rows`` model rows:
     PerSim's 5 members each step planner_rows / 5 states, Vanilla CaDM's one net all of them), and what the cost
-    model prices each call at (seconds at ``rate``, paper grid).
+    model prices each call at (seconds at ``rate`` on the ``paper`` grid).
     ``autograd``: PerSim's training step through autograd (the code before its hand-written gradients)."""
     import torch
 
     from persim_bench.algos import cadm, persim
 
-    family, paper = get_env(env), load_grid("paper")
+    family = get_env(env)
     data = persim_data(env, 100, family.horizon)
     rng = torch.Generator().manual_seed(0)
     planner_batch = planner_rows // 5 if algo == "persim" else planner_rows
@@ -323,14 +323,14 @@ def small_model_rows(envs=("mountaincar", "cartpole"), threads=(1, 2), planner_r
     from persim_bench.costmodel import measure_rate
     from persim_bench.roofline import best_seconds, count_work, limit_seconds, machine_rates
 
-    previous, rows, rate = torch.get_num_threads(), [], measure_rate()
+    previous, rows, rate, paper = torch.get_num_threads(), [], measure_rate(), load_grid("paper")
     try:
         for n in threads:
             rates = machine_rates(n)
             torch.set_num_threads(n)
             for env in envs:
                 for algo, label in (("persim", "PerSim"), ("cadm", "Vanilla CaDM")):
-                    fit_step, plan_step, priced = _fit_and_plan_steps(env, algo, planner_rows, rate)
+                    fit_step, plan_step, priced = _fit_and_plan_steps(env, algo, planner_rows, paper, rate)
                     for what, fn, unit, per_call, target, price in (
                             ("fit", fit_step, "gradient steps/s", 1, None, priced[0]),
                             ("planner", plan_step, "model rows/s", planner_rows, 0.4, priced[1])):
@@ -343,7 +343,7 @@ def small_model_rows(envs=("mountaincar", "cartpole"), threads=(1, 2), planner_r
                                      "bound": "memory" if memory > limit / 2 else "compute", "target": target,
                                      "rates": rates, "priced": price / seconds if n == 1 else None})
                     if algo == "persim":  # against the autograd step it replaced, in the same run
-                        autograd_step, _, _ = _fit_and_plan_steps(env, algo, planner_rows, rate, autograd=True)
+                        autograd_step, _, _ = _fit_and_plan_steps(env, algo, planner_rows, paper, rate, autograd=True)
                         seconds = best_seconds(autograd_step)
                         fit = rows[-2]
                         fit["versus"], fit["target"] = fit["ours"] * seconds, 3.0

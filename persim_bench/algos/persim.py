@@ -204,7 +204,7 @@ class PerSimEnsemble(SavedModel, nn.Module):
         # Table lookups are cheap once for all rows; the continuous action encoder is an MLP, run per chunk.
         coef = self._coefficients(action, agent, ws) if self.discrete else None            # [M, r, B]
         delta = ws.get("delta", (m, d, b), obs)
-        chunk = step_chunk(max((layer.weight.shape[1] for layer in self.state_encoder.layers[:-1]), default=0))
+        chunk = step_chunk(self.config["state_hidden"])
         for start in range(0, b, chunk):
             rows = slice(start, start + chunk)
             chunk_coef = coef[..., rows] if self.discrete else self._coefficients(action[rows], agent[rows], ws)
@@ -237,14 +237,14 @@ class PerSimEnsemble(SavedModel, nn.Module):
         return table.expand(-1, self.config["n_agents"], -1).numpy().copy()
 
 
-def step_chunk(widest: int) -> int:
-    """Rows per state-encoder call in a planner step, for an encoder whose widest hidden layer has ``widest`` units.
+def step_chunk(state_hidden: list[int]) -> int:
+    """Rows per state-encoder call in a planner step, for a state encoder with these hidden layer widths.
 
     256 rows keep a small model's [5, 256, chunk] activation (1.3 MB) in the 2 MB L2: MountainCar's
     planner at 0.47 of its roofline against 0.36 at 512 rows (`persim-bench bench small`, one thread);
     HalfCheetah's 512-wide layers are 3-6 % faster at 512.
     """
-    return STEP_CHUNK // 2 if widest <= 256 else STEP_CHUNK
+    return STEP_CHUNK // 2 if max(state_hidden, default=0) <= 256 else STEP_CHUNK
 
 
 def _table_gradient(table: torch.Tensor, flat_rows: torch.Tensor, grad_rows: torch.Tensor) -> torch.Tensor:
@@ -485,9 +485,8 @@ def persim_fit_seconds(grid: "Grid", env: str, rows: int, rank: int, holdout: fl
 
 def persim_dynamics(grid: "Grid", env: str, rank: int) -> Dynamics:
     """What one model step costs: the planner's and the prediction test's calls, in ``step_chunk``-row chunks."""
-    nets = persim_nets(grid, env, rank)
-    return Dynamics(env, nets, grid.persim.ensemble, step_chunk(max(nets[0][1:-1], default=0)),
-                    call_seconds=PERSIM_CHUNK_SECONDS)
+    return Dynamics(env, persim_nets(grid, env, rank), grid.persim.ensemble,
+                    step_chunk(per_env(grid.persim.state_hidden, env)), call_seconds=PERSIM_CHUNK_SECONDS)
 
 
 def persim_trial_seconds(grid: "Grid", trial: Trial, rows: int, rate: float) -> float:
