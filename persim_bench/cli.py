@@ -266,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "reward episodes. The numbers go to a new MLflow run tagged persim_bench.evaluates=<run>. "
                        "PerSim and CaDM runs save models.")
     evaluate.add_argument("--run", required=True, help="MLflow run id of the trial (the MLflow UI shows it)")
-    evaluate.add_argument("--episodes", type=int, help="reward episodes per test agent (default: the grid's)")
+    evaluate.add_argument("--episodes", type=int, help="reward episodes per test agent (default: the grid's); given, rewards "
+                          "are scored also for a prediction-only grid's model (evaluation.rewards: false)")
     evaluate.add_argument("--agents", type=int, nargs="+", help="test agents to evaluate, 0-4 (default: the grid's)")
     evaluate.add_argument("--results", default="results",
                           help="results folder holding the policies for the prediction test (default: ./results)")

@@ -117,6 +117,10 @@ CASES = [
      "no value for env 'cartpole'"),
     ("persim-normalize-missing-env", {"persim": {"normalize": {"halfcheetah": True}}}, "persim.normalize",
      "no value for env 'mountaincar'"),
+    ("persim-lr-halving-missing-env", {"persim": {"lr_halving_epochs": {"mountaincar": 150}}},
+     "persim.lr_halving_epochs", "no value for env 'cartpole'"),
+    ("persim-lr-halving-unknown-env", {"persim": {"lr_halving_epochs": {"mountaincar": 150, "pendulum": 10}}},
+     "persim.lr_halving_epochs", "unknown env 'pendulum'"),
     # unions: the error of the alternative that fits the value, without pydantic's type tags
     ("horizon-env-zero", {"planner": {"horizon": {"mountaincar": 5, "cartpole": 0, "halfcheetah": 5}}},
      "planner.horizon.cartpole", "Input should be greater than 0"),

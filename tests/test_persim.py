@@ -213,6 +213,12 @@ def test_holdout_reports_validation_loss_every_epoch(cartpole):
     assert final["val_loss"] == seen[-1][1]["val_loss"] and final["fit_seconds"] > 0 and not model.training
     _, no_holdout = fit_persim(cartpole, TINY, seed=0)
     assert "val_loss" not in no_holdout
+    # Given per env, only the env named with a period halves its rate.
+    for halving, rates in (({"cartpole": 2, "mountaincar": None}, [1, 1, 0.5]), ({"cartpole": None}, [1, 1, 1])):
+        seen.clear()
+        fit_persim(cartpole, spec.model_copy(update={"lr_halving_epochs": halving}), seed=0,
+                   on_epoch=lambda epoch, m: seen.append((epoch, m)))
+        assert [m["lr"] for _, m in seen] == [spec.lr * rate for rate in rates]
 
 
 def test_no_agent_factor_shares_one_vector(cartpole):

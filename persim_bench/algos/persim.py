@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 class PersimSpec(Strict):
     """PerSim's model and training (paper App. D.1). Defaults are the paper's."""
 
-    per_env_fields: ClassVar[tuple[str, ...]] = ("rank", "state_hidden", "normalize")
+    per_env_fields: ClassVar[tuple[str, ...]] = ("rank", "state_hidden", "normalize", "lr_halving_epochs")
     # "cv": the rank_cv stage picks it per env x regime from rank_grid (the paper); or pin it,
     # once for all envs or per env (the paper's picks: 3 / 5 / 20).
     rank: Literal["cv"] | PositiveInt | dict[str, PositiveInt] = "cv"
@@ -66,9 +66,9 @@ class PersimSpec(Strict):
     # z-score states and deltas before fitting (authors' code: HalfCheetah only; paper: silent).
     normalize: bool | dict[str, bool] = True
     # Halve the learning rate every this many epochs (authors' code: 150; paper: no schedule).
-    lr_halving_epochs: PositiveInt | None = None
+    lr_halving_epochs: PositiveInt | None | dict[str, PositiveInt | None] = None
 
-    @field_validator("rank", "state_hidden", "normalize")
+    @field_validator("rank", "state_hidden", "normalize", "lr_halving_epochs")
     @classmethod
     def _env_keys(cls, value):
         return known_env_keys(value)
@@ -295,8 +295,8 @@ def fit_persim(data: Transitions, spec: PersimSpec, seed: int, *, holdout: float
     agent = torch.as_tensor(data.agent, dtype=torch.long, device=device)
 
     optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr, fused=True)  # one kernel: ~10% per step on CPU
-    schedule = (torch.optim.lr_scheduler.StepLR(optimizer, spec.lr_halving_epochs, gamma=0.5)
-                if spec.lr_halving_epochs else None)
+    halving_epochs = per_env(spec.lr_halving_epochs, data.env)
+    schedule = torch.optim.lr_scheduler.StepLR(optimizer, halving_epochs, gamma=0.5) if halving_epochs else None
     shuffle = torch.Generator(device=device).manual_seed(int(shuffle_seed))
     members, n_train = model.n_members, len(train_rows)
     metrics: dict = {}
