@@ -65,7 +65,8 @@ class PersimSpec(Strict):
     action_hidden: list[PositiveInt] = [256, 256]
     # z-score states and deltas before fitting (authors' code: HalfCheetah only; paper: silent).
     normalize: bool | dict[str, bool] = True
-    # Halve the learning rate every this many epochs (authors' code: 150; paper: no schedule).
+    # Halve the learning rate every this many epochs, once for all envs or per env (null: constant)
+    # (authors' code: 150; paper: no schedule).
     lr_halving_epochs: PositiveInt | None | dict[str, PositiveInt | None] = None
 
     @field_validator("rank", "state_hidden", "normalize", "lr_halving_epochs")
