@@ -385,3 +385,11 @@ def test_ui_becomes_the_mlflow_server_and_sigterm_stops_all_of_it(tmp_path):
                 os.kill(pid, signal.SIGKILL)
         server.wait(timeout=30)
     assert f"MLflow UI on http://127.0.0.1:{port}" in server.stdout.read()
+
+
+def test_evaluate_asking_for_episodes_scores_rewards_of_a_prediction_only_model():
+    from persim_bench.orchestration.reevaluate import evaluation_overrides
+
+    assert evaluation_overrides(None, None) == {}
+    assert evaluation_overrides(None, [1]) == {"test_agents": [1]}  # a prediction-only grid stays prediction-only
+    assert evaluation_overrides(2, None) == {"reward_episodes": 2, "rewards": True}

@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from persim_bench import cli
-from persim_bench.orchestration.reevaluate import evaluate_run, evaluation_overrides
+from persim_bench.orchestration.reevaluate import evaluate_run
 from persim_bench.orchestration.tracking import latest_trial_runs
 
 pytestmark = pytest.mark.integration
@@ -76,12 +76,6 @@ def test_trained_models_are_logged_models_that_evaluate_again(finished):
     # the tables keep reading the trial's own run
     assert {r.info.run_id for r in latest_trial_runs(client, experiment.experiment_id)} == {
         r.info.run_id for r in runs.values()}
-
-
-def test_asking_for_episodes_scores_rewards_of_a_prediction_only_model():
-    assert evaluation_overrides(None, None) == {}
-    assert evaluation_overrides(None, [1]) == {"test_agents": [1]}  # a prediction-only grid stays prediction-only
-    assert evaluation_overrides(2, None) == {"reward_episodes": 2, "rewards": True}
 
 
 def test_the_evaluate_command_prints_and_records(finished, capsys):
