@@ -19,7 +19,8 @@ from persim_bench.analysis import (PaperValuesError, aggregate_metrics, agent_ma
                                    tsne_figure)
 from persim_bench.analysis.paper import APPENDIX_OF, COLUMNS, canonical
 from persim_bench.analysis.stats import score_distribution
-from persim_bench.orchestration.tables import method_labels
+from persim_bench.config import load_grid
+from persim_bench.orchestration.tables import method_labels, protocol_differences
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -340,6 +341,29 @@ def test_report_markdown_is_deterministic_and_checks_records(report):
         build_report([RECORDS[0], RECORDS[0]], n_boot=10, labels=LABELS)
     # without random scores the random regime's logged returns normalise; without them no aggregates
     assert build_report(RECORDS, SUMMARIES, n_boot=10, labels=LABELS).tables["aggregates"]["rows"] == []
+
+
+def test_report_states_where_the_grid_departs_from_the_paper():
+    """A verdict on 4 of 300 epochs must say so: the protocol table lists every such setting, per env where the
+    setting is per env, and nothing where the grid is the paper's."""
+    paper = load_grid("paper")
+    short = paper.model_copy(update={
+        "envs": ["cartpole", "halfcheetah"], "seeds": [0], "algos": ["persim", "cadm_vanilla", "cql_p"],
+        "persim": paper.persim.model_copy(update={"epochs": 4}),
+        "planner": paper.planner.model_copy(update={"candidates": {"cartpole": 1000, "halfcheetah": 50},
+                                                    "max_rows": 10}),
+        "cadm": paper.cadm.model_copy(update={"iterations": 1}),
+        "bcq": paper.bcq.model_copy(update={"steps": 10}),  # no BCQ in this grid: not its protocol
+        "cql": paper.cql.model_copy(update={"steps": 10}),  # beyond the paper: no paper protocol to depart from
+        "data": paper.data.model_copy(update={"num_workers": 1})})  # how work is spread, not what it computes
+    rows = {(r[0], r[1]): r[2:] for r in protocol_differences(short, paper)["rows"]}
+    assert rows == {("seeds", "all"): ["1", "5"], ("persim.epochs", "all"): ["4", "300"],
+                    ("planner.candidates", "halfcheetah"): ["50", "200"], ("cadm.iterations", "all"): ["1", "100"]}
+    built = build_report(RECORDS, SUMMARIES, n_boot=10, labels=LABELS, protocol=protocol_differences(short, paper))
+    assert built.markdown.index("## Protocol") < built.markdown.index("## Agreement")
+    assert "| persim.epochs | all | 4 | 300 |" in built.markdown
+    same = build_report(RECORDS, SUMMARIES, n_boot=10, labels=LABELS, protocol=protocol_differences(paper, paper))
+    assert "None: this grid runs the paper's protocol." in same.markdown
 
 
 def test_report_tables_fit_the_table_writers(report):

@@ -88,6 +88,7 @@ def test_run_logs_every_trial_under_one_parent_and_writes_tables(ray_cluster, wr
     report = results / "tiny-pipeline" / "report"
     text = (report / "report.md").read_text()
     assert "## Claims" in text and "## Aggregates" in text and "## Figure 1" in text
+    assert "| seeds | all | 1 | 5 |" in text  # the protocol table: this tiny grid is not the paper's
     assert (report / "figure1_cartpole_random.png").stat().st_size > 0
     assert (report / "performance_profile.png").exists()
     with open(report / "paper_reward.csv") as f:

@@ -375,9 +375,10 @@ def summary_rows(tables: dict[str, dict]) -> list[list[str]]:
 
 def reproduction_tables(records: Iterable[Mapping], dataset_summaries: Mapping | None = None,
                         paper_values: list[PaperValue] | None = None, random_scores: Mapping | None = None,
-                        n_boot: int = DEFAULT_BOOT, seed: int = 0, *, labels: Mapping[str, str]
-                        ) -> tuple[dict[str, dict], dict[str, np.ndarray], list]:
-    """Every report table, plus the normalised score matrices and their tasks."""
+                        n_boot: int = DEFAULT_BOOT, seed: int = 0, *, labels: Mapping[str, str],
+                        protocol: Mapping | None = None) -> tuple[dict[str, dict], dict[str, np.ndarray], list]:
+    """Every report table (``protocol``, the grid's departures from the paper's protocol, passed through),
+    plus the normalised score matrices and their tasks."""
     values = paper_values if paper_values is not None else load_paper_values()
     paper, summaries = canonical(values), _check_summaries(dataset_summaries or {})
     ours = our_cells(records, n_boot, seed)
@@ -405,24 +406,28 @@ def reproduction_tables(records: Iterable[Mapping], dataset_summaries: Mapping |
     }
     tables["agreement"] = {"title": "Cells agreeing with the paper, per quantity",
                            "columns": ["quantity", "cells", "agree", "share"], "rows": summary_rows(tables)}
+    if protocol is not None:
+        tables["protocol"] = dict(protocol)
     return tables, scores, tasks
 
 
-SECTIONS = [("Agreement", "agreement"), ("Claims", "claims"), ("Aggregates", "aggregates"),
+SECTIONS = [("Protocol", "protocol"), ("Agreement", "agreement"), ("Claims", "claims"), ("Aggregates", "aggregates"),
             ("Prediction error", "paper_prediction"), ("Reward", "paper_reward"), ("Offline data", "paper_data")]
 
 
 def build_report(records: Iterable[Mapping], dataset_summaries: Mapping | None = None,
                  paper_values: list[PaperValue] | None = None, random_scores: Mapping | None = None,
-                 n_boot: int = DEFAULT_BOOT, seed: int = 0, *, labels: Mapping[str, str]) -> Report:
-    """Tables, normalised scores and the Markdown of the paper-vs-ours part of report.md; deterministic for a seed."""
+                 n_boot: int = DEFAULT_BOOT, seed: int = 0, *, labels: Mapping[str, str],
+                 protocol: Mapping | None = None) -> Report:
+    """Tables, normalised scores and the Markdown of the paper-vs-ours part of report.md; deterministic for a seed.
+    ``protocol``: the table of the grid's departures from the paper's protocol, shown first when given."""
     tables, scores, tasks = reproduction_tables(records, dataset_summaries, paper_values, random_scores, n_boot, seed,
-                                                labels=labels)
+                                                labels=labels, protocol=protocol)
     parts = ["# Reproduction report: PerSim (NeurIPS 2021)\n",
              f"Tolerances: reward within {REWARD_REL_TOL:.0%} of the paper or the paper's value inside our 95% CI; "
              f"RMSE within {RMSE_FACTOR:g}x; 1 - R^2 within {R2_FACTOR:g}x; Table 8 within {DATA_REL_TOL:.0%}; all "
              f"up to the paper's printed rounding. Bootstrap: {n_boot} resamples, seed {seed}.\n"]
-    parts += [f"## {heading}\n\n{to_markdown(tables[name])}" for heading, name in SECTIONS]
+    parts += [f"## {heading}\n\n{to_markdown(tables[name])}" for heading, name in SECTIONS if name in tables]
     names = [f"{env}/{regime}/agent{agent}" for env, regime, agent in tasks]
     return Report(tables, "\n".join(parts), scores, tuple(names))
 

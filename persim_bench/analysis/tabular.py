@@ -46,8 +46,9 @@ def method_key_of(label: str, labels: Mapping[str, str]) -> str:
 
 
 def to_markdown(table: dict) -> str:
+    """The table under its bold title; a table without rows shows its ``empty`` text (default: nothing yet)."""
     if not table["rows"]:
-        return f"**{table['title']}**\n\n(nothing yet)\n"
+        return f"**{table['title']}**\n\n{table.get('empty', '(nothing yet)')}\n"
     lines = [f"**{table['title']}**", "", "| " + " | ".join(table["columns"]) + " |",
              "|" + "---|" * len(table["columns"])]
     lines += ["| " + " | ".join(row) + " |" for row in table["rows"]]

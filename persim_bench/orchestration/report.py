@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from persim_bench.contracts import Trial, TrialContext
-from persim_bench.config import Grid
+from persim_bench.config import Grid, load_grid
 from persim_bench.data.behaviour import RandomPolicy
 from persim_bench.data.dataset import policy_root
 from persim_bench.envs import get_env
@@ -22,7 +22,7 @@ from persim_bench.evaluate import score_policy
 from persim_bench.analysis.factors import has_factor_probe
 from persim_bench.analysis.tabular import png_to_pdf, write_table
 from persim_bench.orchestration.guard import inside
-from persim_bench.orchestration.tables import dataset_summaries, method_labels
+from persim_bench.orchestration.tables import dataset_summaries, method_labels, protocol_differences
 from persim_bench.orchestration.tracking import (grid_experiment, latest_trial_runs, metric_name, newest_parent_run,
                                                  optional_int, run_metrics)
 
@@ -118,7 +118,8 @@ def write_report(grid: Grid, tracking_uri: str, results: Path, data_root: Path) 
     unreadable = {key: s["error"] for key, s in summaries.items() if "error" in s}
     readable = {key: s for key, s in summaries.items() if key not in unreadable}
     random = random_scores(grid)
-    report = build_report(records, readable, random_scores=random, seed=grid.seed, labels=labels)
+    report = build_report(records, readable, random_scores=random, seed=grid.seed, labels=labels,
+                          protocol=protocol_differences(grid, load_grid("paper")))
     for name, table in report.tables.items():
         write_table(table, out, name)
     probe = probe_table(records, {env: get_env(env).covariate_names for env in sorted({r["env"] for r in records})})

@@ -25,7 +25,7 @@ from persim_bench.config import Grid
 from persim_bench.data.dataset import MANIFEST, DatasetError, dataset_dir, policy_root, read_dataset
 from persim_bench.data.generate import dataset_plan
 from persim_bench.data.policies import policy_label
-from persim_bench.envs import get_env
+from persim_bench.envs import ENVS, get_env
 from persim_bench.orchestration.guard import inside
 from persim_bench.orchestration.tracking import (grid_experiment, latest_trial_runs, newest_parent_run, optional_int,
                                                  run_metrics, trial_of_run)
@@ -35,6 +35,48 @@ from persim_bench.specs import REGIMES
 def method_labels() -> dict[str, str]:
     """{method key: label} of every registered algorithm (and ``data``, Table 8's rows): what analysis labels rows with."""
     return {**{name: algo.label for name, algo in ALGORITHMS.items()}, "data": "data"}
+
+
+# Settings that only spread or chunk the work: they never change a number the report compares.
+EXECUTION_SETTINGS = frozenset({"data.agents_per_shard", "data.num_workers", "planner.max_rows"})
+
+
+def protocol_differences(grid: Grid, paper: Grid) -> dict:
+    """A table of every setting where ``grid`` departs from the paper's protocol (``paper.yaml``): seeds, data,
+    policies, planner, evaluation and the sections of the grid's paper methods, per env where a setting is
+    given per env. The report shows it first, so a verdict on 4 of 300 epochs is read as one."""
+    sections = ["data", "policies", "planner", "evaluation", *dict.fromkeys(
+        ALGORITHMS[name].spec_key for name in grid.algos if name in paper.algos and ALGORITHMS[name].spec_key)]
+    rows = [] if len(grid.seeds) == len(paper.seeds) else [["seeds", "all", str(len(grid.seeds)), str(len(paper.seeds))]]
+    for section in sections:
+        ours, theirs = getattr(grid, section), getattr(paper, section)
+        for field in type(ours).model_fields:
+            name = f"{section}.{field}"
+            if name in EXECUTION_SETTINGS:
+                continue
+            envs_by_values = defaultdict(list)
+            for env in grid.envs:
+                mine, paper_value = _for_env(getattr(ours, field), env), _for_env(getattr(theirs, field), env)
+                if mine != paper_value:
+                    envs_by_values[_setting_text(mine), _setting_text(paper_value)].append(env)
+            rows += [[name, "all" if len(envs) == len(grid.envs) else ", ".join(envs), mine, paper_value]
+                     for (mine, paper_value), envs in envs_by_values.items()]
+    return {"title": "Where this grid departs from the paper's protocol (paper.yaml); read every verdict below with it",
+            "columns": ["setting", "envs", "this grid", "paper"], "rows": rows,
+            "empty": "None: this grid runs the paper's protocol."}
+
+
+def _for_env(value, env: str):
+    """A setting's value for one env: its entry when given as {env: value} (None: not set for that env)."""
+    if isinstance(value, dict) and set(value) <= set(ENVS):
+        return value.get(env)
+    return value
+
+
+def _setting_text(value) -> str:
+    if value is None:
+        return "default"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def agent_label(env: str, agent: int) -> str:
