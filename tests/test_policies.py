@@ -12,7 +12,8 @@ from persim_bench.config import GridError, load_grid
 from persim_bench.data.dataset import read_dataset
 from persim_bench.data.generate import dataset_plan, dataset_plans, generate_datasets
 from persim_bench.data.policies import (PolicyError, ProgressLines, load_policy, logging_policy_paths,
-                                        nearest_policy_agent, policy_jobs, save_policy, train_policies)
+                                        longest_first, nearest_policy_agent, policy_jobs, save_policy,
+                                        train_policies)
 from persim_bench.data.policy_net import PolicyNet
 from persim_bench.data.rl import evaluate_policy
 from persim_bench.envs import get_env
@@ -135,6 +136,17 @@ def test_regime_targets_give_a_regime_logging_policies_of_its_own(write_grid):
                                  "regime_targets": {"cartpole": {"pure-eps-40": 20.0}}}}
     with pytest.raises(GridError, match="regime_targets for cartpole needs eval_every"):
         load_grid(write_grid(grid, "d.yaml"))
+
+
+def test_policies_that_run_their_whole_budget_are_submitted_first(write_grid):
+    jobs = policy_jobs(load_grid(write_grid(PURE)))
+    assert [j.role for j in jobs][-1] == "test"            # policy_jobs lists the test policy last
+    ordered = longest_first(jobs)
+    assert ordered[0].role == "test" and [j.label for j in ordered[1:]] == [j.label for j in jobs[:-1]]
+    # without targets every job runs its whole budget: the larger budget first (logging 400, test 300)
+    untargeted = policy_jobs(load_grid(write_grid({**PURE, "policies": {**PURE["policies"], "target_return": None}},
+                                                  "untargeted.yaml")))
+    assert [j.role for j in longest_first(untargeted)] == ["logging"] * 5 + ["test"]
 
 
 def test_progress_lines_are_rate_limited(write_grid, capsys):
