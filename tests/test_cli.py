@@ -393,3 +393,4 @@ def test_evaluate_asking_for_episodes_scores_rewards_of_a_prediction_only_model(
     assert evaluation_overrides(None, None) == {}
     assert evaluation_overrides(None, [1]) == {"test_agents": [1]}  # a prediction-only grid stays prediction-only
     assert evaluation_overrides(2, None) == {"reward_episodes": 2, "rewards": True}
+    assert evaluation_overrides(None, None, "trained") == {"prediction_policy": "trained"}

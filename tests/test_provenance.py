@@ -6,6 +6,7 @@ import math
 
 import mlflow
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from persim_bench import cli
@@ -28,8 +29,6 @@ TINY = {
 
 @pytest.fixture(scope="module")
 def finished(ray_cluster, tmp_path_factory):
-    import yaml
-
     root = tmp_path_factory.mktemp("provenance")
     (root / "grid.yaml").write_text(yaml.safe_dump(TINY))
     results = root / "results"
@@ -76,6 +75,28 @@ def test_trained_models_are_logged_models_that_evaluate_again(finished):
     # the tables keep reading the trial's own run
     assert {r.info.run_id for r in latest_trial_runs(client, experiment.experiment_id)} == {
         r.info.run_id for r in runs.values()}
+
+
+def test_a_model_fitted_under_the_heuristic_is_scored_with_the_trained_test_policy(finished, tmp_path):
+    """A model fitted before the test policy existed (a heuristic-policy grid) is scored as the paper scores it."""
+    from persim_bench.config import load_grid
+    from persim_bench.data.dataset import policy_root
+    from persim_bench.data.policies import PolicyError, prediction_policy_path, train_policies
+
+    results, client, experiment, runs, _ = finished
+    original = runs["persim-cartpole-random-r2-s0"]
+    uri = f"sqlite:///{results / 'mlflow.db'}"
+    with pytest.raises(PolicyError, match="missing policy file"):  # the test policy is not trained yet
+        evaluate_run(original.info.run_id, results, uri, prediction_policy="trained")
+    (tmp_path / "trained.yaml").write_text(yaml.safe_dump({**TINY, "evaluation": {**TINY["evaluation"],
+                                                                                  "prediction_policy": "trained"}}))
+    grid = load_grid(tmp_path / "trained.yaml")
+    train_policies(grid, policy_root(results), progress=False)
+    assert prediction_policy_path(policy_root(results), grid, "cartpole").exists()
+    new_id, metrics = evaluate_run(original.info.run_id, results, uri, prediction_policy="trained")
+    # other actions, other open-loop windows: the heuristic's numbers do not come back
+    assert math.isfinite(metrics["rmse_agent0"]) and metrics["rmse_agent0"] != original.data.metrics["rmse/agent0"]
+    assert client.get_run(new_id).data.params["evaluation.prediction_policy"] == "trained"
 
 
 def test_the_evaluate_command_prints_and_records(finished, capsys):
