@@ -153,7 +153,8 @@ def cmd_evaluate(args) -> None:
     results = Path(args.results).resolve()
     uri = tracking_uri(args, results)
     check_tracking_store(uri)
-    run_id, metrics = evaluate_run(args.run, results, uri, args.episodes, args.agents, args.prediction_policy)
+    run_id, metrics = evaluate_run(args.run, results, uri, args.episodes, args.agents, args.prediction_policy,
+                                   args.data_box)
     shown = {k: v for k, v in sorted(metrics.items()) if k.startswith(("reward_agent", "rmse_agent", "r2_agent"))}
     print("\n".join(f"{key:>16}  {value:.4g}" for key, value in shown.items()))
     print(f"evaluation of run {args.run} recorded as MLflow run {run_id}")
@@ -272,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--prediction-policy", choices=["trained", "heuristic"],
                           help="actions of the prediction test (default: the grid's); 'trained' scores a model "
                                "fitted under a heuristic-policy grid with the paper's test policy")
+    evaluate.add_argument("--no-data-box", dest="data_box", action="store_const", const=False,
+                          help="hold no prediction to the model's training-data box (evaluation.clip_to_data_box: "
+                               "false, the paper's behaviour)")
     evaluate.add_argument("--results", default="results",
                           help="results folder holding the policies for the prediction test (default: ./results)")
     evaluate.add_argument("--mlflow-uri", help=MLFLOW_URI_HELP)

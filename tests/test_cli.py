@@ -394,3 +394,7 @@ def test_evaluate_asking_for_episodes_scores_rewards_of_a_prediction_only_model(
     assert evaluation_overrides(None, [1]) == {"test_agents": [1]}  # a prediction-only grid stays prediction-only
     assert evaluation_overrides(2, None) == {"reward_episodes": 2, "rewards": True}
     assert evaluation_overrides(None, None, "trained") == {"prediction_policy": "trained"}
+    assert evaluation_overrides(None, None, data_box=False) == {"clip_to_data_box": False}
+    args = cli.parse_args(["evaluate", "--run", "abc", "--no-data-box", "--prediction-policy", "trained"])
+    assert (args.data_box, args.prediction_policy) == (False, "trained")
+    assert cli.parse_args(["evaluate", "--run", "abc"]).data_box is None      # the grid's setting stays

@@ -97,6 +97,8 @@ def test_a_model_fitted_under_the_heuristic_is_scored_with_the_trained_test_poli
     # other actions, other open-loop windows: the heuristic's numbers do not come back
     assert math.isfinite(metrics["rmse_agent0"]) and metrics["rmse_agent0"] != original.data.metrics["rmse/agent0"]
     assert client.get_run(new_id).data.params["evaluation.prediction_policy"] == "trained"
+    unboxed_id, _ = evaluate_run(original.info.run_id, results, uri, data_box=False)
+    assert client.get_run(unboxed_id).data.params["evaluation.clip_to_data_box"] == "False"
 
 
 def test_the_evaluate_command_prints_and_records(finished, capsys):
