@@ -153,8 +153,8 @@ def cmd_evaluate(args) -> None:
     results = Path(args.results).resolve()
     uri = tracking_uri(args, results)
     check_tracking_store(uri)
-    run_id, metrics = evaluate_run(args.run, results, uri, args.episodes, args.agents, args.prediction_policy,
-                                   args.data_box)
+    run_id, metrics = evaluate_run(args.run, results, uri, episodes=args.episodes, agents=args.agents,
+                                   prediction_policy=args.prediction_policy, data_box=args.data_box)
     shown = {k: v for k, v in sorted(metrics.items()) if k.startswith(("reward_agent", "rmse_agent", "r2_agent"))}
     print("\n".join(f"{key:>16}  {value:.4g}" for key, value in shown.items()))
     print(f"evaluation of run {args.run} recorded as MLflow run {run_id}")
