@@ -157,3 +157,22 @@ def test_bad_specs_are_refused():
                                                 "truncated")}})
     with pytest.raises(ValueError, match="cartpole/random: no transitions"):
         fit_cadm(empty, SMALL, 0, probabilistic=False)
+
+
+@pytest.mark.parametrize("valid_split", [0.0, 0.2])
+def test_every_epoch_reports_its_losses_and_iteration(valid_split):
+    """At paper size one iteration is an hour on a core: progress comes per epoch, the curve is the epochs run."""
+    family = get_env("cartpole")
+    data = random_transitions("cartpole", np.tile(family.default_covariates, (4, 1)), 30)
+    spec = SMALL.model_copy(update={"iterations": 3, "epochs_per_iteration": 4, "valid_split": valid_split,
+                                    "batch_size": 32})
+    reports = []
+    _, metrics = fit_cadm(data, spec, seed=0, probabilistic=False, on_epoch=lambda e, m: reports.append((e, m)))
+    assert [epoch for epoch, _ in reports] == list(range(metrics["epochs"]))
+    per_iteration = [sum(m["iteration"] == i for _, m in reports) for i in (1, 2, 3)]
+    assert all(1 <= n <= 4 for n in per_iteration)
+    if not valid_split:  # no validation split, no early stop: every epoch of every iteration
+        assert per_iteration == [4, 4, 4] and "val_loss" not in reports[-1][1]
+    else:
+        assert all("val_loss" in m and np.isfinite(m["val_loss"]) for _, m in reports)
+    assert reports[-1][1]["train_loss"] == metrics["train_loss"]

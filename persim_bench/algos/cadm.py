@@ -234,13 +234,15 @@ def context_pairs(starts: np.ndarray, future: int) -> tuple[np.ndarray, np.ndarr
 
 
 def fit_cadm(data: Transitions, spec: CadmSpec, seed: int, probabilistic: bool,
-             on_iteration: Callable[[int, dict], None] | None = None,
+             on_epoch: Callable[[int, dict], None] | None = None,
              device: str | torch.device = "cpu", checkpoint: Checkpoints | None = None) -> tuple[CadmModel, dict]:
     """Train Vanilla (``probabilistic=False``) or PE-TS CaDM offline on ``data``, as the public code.
 
     ``spec.iterations`` times: draw a fresh validation split of context windows and fresh
     bootstrap samples per member (PE-TS), then up to ``epochs_per_iteration`` epochs, stopping
-    early when the rolling validation loss rises. Every draw comes from ``seed`` (through a
+    early when the rolling validation loss rises. ``on_epoch(epoch, metrics)`` gets every epoch's
+    losses and its iteration: at paper size an iteration is minutes to hours (HalfCheetah: about
+    96k gradient steps), an epoch a fifth of it. Every draw comes from ``seed`` (through a
     generator on ``device``, where the model trains and stays). ``checkpoint`` gets the state after
     every iteration and may hold one to resume from, continuing exactly as if never stopped.
     """
@@ -285,21 +287,22 @@ def fit_cadm(data: Transitions, spec: CadmSpec, seed: int, probabilistic: bool,
                 total += train_step(model, optimizer, tensors, pairs, spec).double() * pairs.shape[1]
             epochs_run += 1
             metrics = {"train_loss": total.item() / (n_train * members)}
-            if not n_valid:
-                continue
-            with torch.no_grad():
-                recon, forward_mse = _losses(model, tensors, valid_pairs.expand(members, -1), spec.back_coeff)
-            loss_now = recon.item() / members
-            metrics.update(val_loss=loss_now, val_forward_mse=forward_mse.item() / members)
-            # The public code's early stop: a rolling average of the validation loss that rises.
-            if rolling is None:
-                rolling, previous = (1.5 * loss_now, 2 * loss_now) if loss_now >= 0 else (loss_now / 1.5, loss_now / 2)
-            rolling = ROLLING_PERSISTENCY * rolling + (1 - ROLLING_PERSISTENCY) * loss_now
-            if previous < rolling:
+            rising = False
+            if n_valid:
+                with torch.no_grad():
+                    recon, forward_mse = _losses(model, tensors, valid_pairs.expand(members, -1), spec.back_coeff)
+                loss_now = recon.item() / members
+                metrics.update(val_loss=loss_now, val_forward_mse=forward_mse.item() / members)
+                # The public code's early stop: a rolling average of the validation loss that rises.
+                if rolling is None:
+                    rolling, previous = ((1.5 * loss_now, 2 * loss_now) if loss_now >= 0
+                                         else (loss_now / 1.5, loss_now / 2))
+                rolling = ROLLING_PERSISTENCY * rolling + (1 - ROLLING_PERSISTENCY) * loss_now
+                rising, previous = previous < rolling, rolling
+            if on_epoch:
+                on_epoch(epochs_run - 1, {**metrics, "iteration": iteration + 1})
+            if rising:
                 break
-            previous = rolling
-        if on_iteration:
-            on_iteration(iteration, {**metrics, "epochs": epochs_run})
         if checkpoint:
             checkpoint.offer(lambda: {"iteration": iteration, "epochs_run": epochs_run, "metrics": metrics,
                                       "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -379,7 +382,7 @@ def run_cadm(trial: Trial, spec: CadmSpec, ctx: TrialContext) -> TrialOutput:
     data = load_trial_data(trial, ctx, costs)
     model, fit_metrics = fit_cadm(
         data, spec, trial.seed, probabilistic=trial.algo == "cadm_pets", device=ctx.device,
-        on_iteration=lambda i, m: ctx.report({"stage": "fit", "iteration": i + 1, **m}), checkpoint=ctx.checkpoints)
+        on_epoch=lambda epoch, m: ctx.report({"stage": "fit", "epoch": epoch + 1, **m}), checkpoint=ctx.checkpoints)
     fitted = TrialOutput(fit_metrics, costs, models=[save_model(model, ctx)])
     return fitted | evaluate_cadm(model, trial, spec, ctx)
 
