@@ -221,6 +221,25 @@ def test_holdout_reports_validation_loss_every_epoch(cartpole):
         assert [m["lr"] for _, m in seen] == [spec.lr * rate for rate in rates]
 
 
+def test_bootstrap_gives_each_member_its_own_resample(cartpole):
+    """With one transition of the last agent, a member whose resample misses it never updates that agent's factor."""
+    last = cartpole.n_agents - 1
+    keep = (cartpole.agent != last) | (np.arange(len(cartpole)) == np.flatnonzero(cartpole.agent == last)[0])
+    data = Transitions(**{**cartpole.__dict__, **{name: getattr(cartpole, name)[keep] for name in (
+        "agent", "t", "obs", "action", "reward", "next_obs", "terminated", "truncated")}})
+    spec = TINY.model_copy(update={"ensemble": 8, "epochs": 1})
+
+    def last_agent_factor_moved(bootstrap):
+        one, two = (fit_persim(data, spec.model_copy(update={"epochs": epochs, "bootstrap": bootstrap}),
+                               seed=0)[0].agent_table[:, last] for epochs in (1, 2))
+        return [not torch.equal(a, b) for a, b in zip(one, two)]
+
+    assert all(last_agent_factor_moved(False))  # every member trains on every transition
+    moved = last_agent_factor_moved(True)
+    assert any(moved) and not all(moved), moved  # some members' resamples hold the row, some do not
+    assert all(last_agent_factor_moved({"cartpole": False}))  # per env, as the other training settings
+
+
 def test_no_agent_factor_shares_one_vector(cartpole):
     model, _ = fit_persim(cartpole, TINY, seed=0, agent_factor=False)
     factors = model.agent_factors()

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 class PersimSpec(Strict):
     """PerSim's model and training (paper App. D.1). Defaults are the paper's."""
 
-    per_env_fields: ClassVar[tuple[str, ...]] = ("rank", "state_hidden", "normalize", "lr_halving_epochs")
+    per_env_fields: ClassVar[tuple[str, ...]] = ("rank", "state_hidden", "normalize", "lr_halving_epochs", "bootstrap")
     # "cv": the rank_cv stage picks it per env x regime from rank_grid (the paper); or pin it,
     # once for all envs or per env (the paper's picks: 3 / 5 / 20).
     rank: Literal["cv"] | PositiveInt | dict[str, PositiveInt] = "cv"
@@ -68,8 +68,12 @@ class PersimSpec(Strict):
     # Halve the learning rate every this many epochs, once for all envs or per env (null: constant)
     # (authors' code: 150; paper: no schedule).
     lr_halving_epochs: PositiveInt | None | dict[str, PositiveInt | None] = None
+    # Each member trains on its own bootstrap resample of the transitions, as PE-TS CaDM's members do,
+    # so that members may disagree where the data are thin and the planner's minimum sees it
+    # (paper and authors' code: every member sees every transition; beyond the paper, off by default).
+    bootstrap: bool | dict[str, bool] = False
 
-    @field_validator("rank", "state_hidden", "normalize", "lr_halving_epochs")
+    @field_validator("rank", "state_hidden", "normalize", "lr_halving_epochs", "bootstrap")
     @classmethod
     def _env_keys(cls, value):
         return known_env_keys(value)
@@ -267,7 +271,8 @@ def fit_persim(data: Transitions, spec: PersimSpec, seed: int, *, holdout: float
     ``holdout`` keeps that fraction of transitions out of training (random rows, as in the
     paper's rank cross-validation) and reports ``val_loss`` on them. Losses are mean squared
     errors of the (normalised) delta, averaged over members. ``on_epoch(epoch, metrics)`` gets
-    train_loss, lr (of that epoch) and val_loss after every epoch. Every random draw derives
+    train_loss, lr (of that epoch) and val_loss after every epoch. With ``spec.bootstrap`` each
+    member trains on its own resample (with replacement) of the training rows. Every random draw derives
     from ``seed``. Returns the model in eval mode and the final metrics (+ fit_seconds).
     ``checkpoint`` gets the training state after every epoch and may hold one to resume from:
     the fit then continues after that epoch exactly as if it had never stopped.
@@ -277,7 +282,7 @@ def fit_persim(data: Transitions, spec: PersimSpec, seed: int, *, holdout: float
     if len(data) and not 0 <= data.agent.min() <= data.agent.max() < data.n_agents:
         raise ValueError(f"{data.env}/{data.regime}: agent ids must lie in [0, {data.n_agents}) (one covariate row per agent)")
     started = time.perf_counter()
-    split_seed, init_seed, shuffle_seed = np.random.SeedSequence(seed).generate_state(3)
+    split_seed, init_seed, shuffle_seed, bootstrap_seed = np.random.SeedSequence(seed).generate_state(4)
     order = np.random.default_rng(split_seed).permutation(len(data))
     n_val = int(round(holdout * len(data)))
     val_rows, train_rows = torch.as_tensor(order[:n_val], device=device), torch.as_tensor(order[n_val:], device=device)
@@ -300,6 +305,10 @@ def fit_persim(data: Transitions, spec: PersimSpec, seed: int, *, holdout: float
     schedule = torch.optim.lr_scheduler.StepLR(optimizer, halving_epochs, gamma=0.5) if halving_epochs else None
     shuffle = torch.Generator(device=device).manual_seed(int(shuffle_seed))
     members, n_train = model.n_members, len(train_rows)
+    member_rows = train_rows.expand(members, -1)  # [M, n_train]: the rows each member trains on
+    if per_env(spec.bootstrap, data.env):
+        resample = torch.Generator(device=device).manual_seed(int(bootstrap_seed))
+        member_rows = train_rows[torch.randint(n_train, (members, n_train), generator=resample, device=device)]
     metrics: dict = {}
     first = 0
     if checkpoint and checkpoint.resume:
@@ -313,7 +322,7 @@ def fit_persim(data: Transitions, spec: PersimSpec, seed: int, *, holdout: float
     model.train()
     for epoch in range(first, spec.epochs):
         # An independent permutation per member: row perm[m, i] is member m's i-th sample.
-        perm = train_rows[torch.argsort(torch.rand(members, n_train, generator=shuffle, device=device), dim=1)]
+        perm = member_rows.gather(1, torch.argsort(torch.rand(members, n_train, generator=shuffle, device=device), dim=1))
         shuffled = [values[perm] for values in (obs_z, action, agent, target)]  # one gather per epoch, not per step
         total, lr = torch.zeros((), device=device), optimizer.param_groups[0]["lr"]
         for start in range(0, n_train, spec.batch_size):
