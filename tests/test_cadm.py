@@ -176,3 +176,4 @@ def test_every_epoch_reports_its_losses_and_iteration(valid_split):
     else:
         assert all("val_loss" in m and np.isfinite(m["val_loss"]) for _, m in reports)
     assert reports[-1][1]["train_loss"] == metrics["train_loss"]
+    assert all(m["epoch_seconds"] > 0 for _, m in reports)  # the rate of a long fit, live in MLflow

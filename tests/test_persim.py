@@ -209,6 +209,7 @@ def test_holdout_reports_validation_loss_every_epoch(cartpole):
     model, final = fit_persim(cartpole, spec, seed=0, holdout=0.2, on_epoch=lambda epoch, m: seen.append((epoch, m)))
     assert [epoch for epoch, _ in seen] == [0, 1, 2]
     assert all(np.isfinite(m["train_loss"]) and np.isfinite(m["val_loss"]) for _, m in seen)
+    assert all(m["epoch_seconds"] > 0 for _, m in seen)
     assert [m["lr"] for _, m in seen] == [spec.lr, spec.lr / 2, spec.lr / 4]
     assert final["val_loss"] == seen[-1][1]["val_loss"] and final["fit_seconds"] > 0 and not model.training
     _, no_holdout = fit_persim(cartpole, TINY, seed=0)

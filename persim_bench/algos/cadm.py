@@ -241,7 +241,7 @@ def fit_cadm(data: Transitions, spec: CadmSpec, seed: int, probabilistic: bool,
     ``spec.iterations`` times: draw a fresh validation split of context windows and fresh
     bootstrap samples per member (PE-TS), then up to ``epochs_per_iteration`` epochs, stopping
     early when the rolling validation loss rises. ``on_epoch(epoch, metrics)`` gets every epoch's
-    losses and its iteration: at paper size an iteration is minutes to hours (HalfCheetah: about
+    losses, wall seconds and iteration: at paper size an iteration is minutes to hours (HalfCheetah: about
     96k gradient steps), an epoch a fifth of it. Every draw comes from ``seed`` (through a
     generator on ``device``, where the model trains and stays). ``checkpoint`` gets the state after
     every iteration and may hold one to resume from, continuing exactly as if never stopped.
@@ -279,6 +279,7 @@ def fit_cadm(data: Transitions, spec: CadmSpec, seed: int, probabilistic: bool,
                   else torch.arange(n_train, device=device)[None])
         rolling = previous = None
         for _ in range(spec.epochs_per_iteration):
+            epoch_started = time.perf_counter()
             sample = sample.gather(1, torch.argsort(torch.rand(sample.shape, generator=gen, device=device), dim=1))
             total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per step
             model.train()
@@ -300,7 +301,8 @@ def fit_cadm(data: Transitions, spec: CadmSpec, seed: int, probabilistic: bool,
                 rolling = ROLLING_PERSISTENCY * rolling + (1 - ROLLING_PERSISTENCY) * loss_now
                 rising, previous = previous < rolling, rolling
             if on_epoch:
-                on_epoch(epochs_run - 1, {**metrics, "iteration": iteration + 1})
+                on_epoch(epochs_run - 1, {**metrics, "iteration": iteration + 1,
+                                          "epoch_seconds": time.perf_counter() - epoch_started})
             if rising:
                 break
         if checkpoint:

@@ -271,9 +271,9 @@ def fit_persim(data: Transitions, spec: PersimSpec, seed: int, *, holdout: float
     ``holdout`` keeps that fraction of transitions out of training (random rows, as in the
     paper's rank cross-validation) and reports ``val_loss`` on them. Losses are mean squared
     errors of the (normalised) delta, averaged over members. ``on_epoch(epoch, metrics)`` gets
-    train_loss, lr (of that epoch) and val_loss after every epoch. With ``spec.bootstrap`` each
-    member trains on its own resample (with replacement) of the training rows. Every random draw derives
-    from ``seed``. Returns the model in eval mode and the final metrics (+ fit_seconds).
+    train_loss, lr (of that epoch), val_loss and the epoch's wall seconds after every epoch. With
+    ``spec.bootstrap`` each member trains on its own resample (with replacement) of the training
+    rows. Every random draw derives from ``seed``. Returns the model in eval mode and the final metrics (+ fit_seconds).
     ``checkpoint`` gets the training state after every epoch and may hold one to resume from:
     the fit then continues after that epoch exactly as if it had never stopped.
     """
@@ -321,8 +321,10 @@ def fit_persim(data: Transitions, spec: PersimSpec, seed: int, *, holdout: float
         first, metrics = state["epoch"] + 1, state["metrics"]
     model.train()
     for epoch in range(first, spec.epochs):
+        epoch_started = time.perf_counter()
         # An independent permutation per member: row perm[m, i] is member m's i-th sample.
-        perm = member_rows.gather(1, torch.argsort(torch.rand(members, n_train, generator=shuffle, device=device), dim=1))
+        draws = torch.rand(members, n_train, generator=shuffle, device=device)
+        perm = member_rows.gather(1, torch.argsort(draws, dim=1))
         shuffled = [values[perm] for values in (obs_z, action, agent, target)]  # one gather per epoch, not per step
         total, lr = torch.zeros((), device=device), optimizer.param_groups[0]["lr"]
         for start in range(0, n_train, spec.batch_size):
@@ -334,7 +336,7 @@ def fit_persim(data: Transitions, spec: PersimSpec, seed: int, *, holdout: float
         if n_val:
             metrics["val_loss"] = _loss(model, obs_z[val_rows], action[val_rows], agent[val_rows], target[val_rows])
         if on_epoch:
-            on_epoch(epoch, dict(metrics))
+            on_epoch(epoch, {**metrics, "epoch_seconds": time.perf_counter() - epoch_started})
         if checkpoint:
             checkpoint.offer(lambda: {"epoch": epoch, "metrics": metrics, "model": model.state_dict(),
                                       "optimizer": optimizer.state_dict(), "shuffle": shuffle.get_state(),
