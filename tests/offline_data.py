@@ -11,6 +11,14 @@ from persim_bench.envs import get_env
 from persim_bench.evaluate import episode_rewards
 
 
+ROW_FIELDS = ("agent", "t", "obs", "action", "reward", "next_obs", "terminated", "truncated")
+
+
+def take_rows(data: Transitions, keep: np.ndarray) -> Transitions:
+    """The transitions where ``keep`` (a row mask or index) holds, every agent's covariates kept."""
+    return Transitions(**{**data.__dict__, **{name: getattr(data, name)[keep] for name in ROW_FIELDS}})
+
+
 def recorded(env: str, n_agents: int, steps: int, seed: int = 0, regime: str = "random") -> Transitions:
     plan = DatasetPlan(env=env, regime=regime, grid="test", seed=seed, n_agents=n_agents, episode_steps=steps,
                        agents_per_shard=n_agents)

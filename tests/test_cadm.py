@@ -11,6 +11,7 @@ from persim_bench.specs import PlannerSpec
 from persim_bench.data.behaviour import RandomPolicy
 from persim_bench.data.dataset import Transitions
 from persim_bench.envs import get_env
+from offline_data import take_rows
 from persim_bench.evaluate import prediction_error, record_test_trajectories
 from persim_bench.planning import MPCPlanner
 
@@ -152,9 +153,7 @@ def test_bad_specs_are_refused():
     with pytest.raises(ValueError, match="weight_decay needs an entry per hidden layer"):
         CadmSpec(hidden=[10] * 6)
     empty = random_transitions("cartpole", np.asarray([get_env("cartpole").default_covariates]), 3)
-    empty = Transitions(**{**empty.__dict__, **{k: getattr(empty, k)[:0] for k in
-                                               ("agent", "t", "obs", "action", "reward", "next_obs", "terminated",
-                                                "truncated")}})
+    empty = take_rows(empty, slice(0))
     with pytest.raises(ValueError, match="cartpole/random: no transitions"):
         fit_cadm(empty, SMALL, 0, probabilistic=False)
 

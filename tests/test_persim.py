@@ -12,6 +12,7 @@ from persim_bench.algos.persim import PersimSpec
 from persim_bench.data.dataset import Transitions
 from persim_bench.data.generate import DatasetPlan, record_shard
 from persim_bench.envs import get_env
+from offline_data import take_rows
 
 TINY = PersimSpec(ensemble=3, epochs=2, batch_size=64, state_hidden=[32], action_hidden=[16], rank=3)
 
@@ -226,8 +227,7 @@ def test_bootstrap_gives_each_member_its_own_resample(cartpole):
     """With one transition of the last agent, a member whose resample misses it never updates that agent's factor."""
     last = cartpole.n_agents - 1
     keep = (cartpole.agent != last) | (np.arange(len(cartpole)) == np.flatnonzero(cartpole.agent == last)[0])
-    data = Transitions(**{**cartpole.__dict__, **{name: getattr(cartpole, name)[keep] for name in (
-        "agent", "t", "obs", "action", "reward", "next_obs", "terminated", "truncated")}})
+    data = take_rows(cartpole, keep)
     spec = TINY.model_copy(update={"ensemble": 8, "epochs": 1})
 
     def last_agent_factor_moved(bootstrap):

@@ -273,7 +273,8 @@ def fit_persim(data: Transitions, spec: PersimSpec, seed: int, *, holdout: float
     errors of the (normalised) delta, averaged over members. ``on_epoch(epoch, metrics)`` gets
     train_loss, lr (of that epoch), val_loss and the epoch's wall seconds after every epoch. With
     ``spec.bootstrap`` each member trains on its own resample (with replacement) of the training
-    rows. Every random draw derives from ``seed``. Returns the model in eval mode and the final metrics (+ fit_seconds).
+    rows. Every random draw derives from ``seed``. Returns the model in eval mode and the final
+    metrics (+ fit_seconds).
     ``checkpoint`` gets the training state after every epoch and may hold one to resume from:
     the fit then continues after that epoch exactly as if it had never stopped.
     """
