@@ -18,6 +18,7 @@ REGIMES = ("pure", "random", "pure-eps-20", "pure-eps-40")
 REGIME_EPSILON = {"pure": 0.0, "pure-eps-20": 0.2, "pure-eps-40": 0.4}
 
 PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
 # Seeds reach numpy and torch generators (torch takes at most 64 bits; offsets such as seed + 100 are added).
 Seed = Annotated[int, Field(ge=0, lt=2**32)]
 
@@ -207,8 +208,14 @@ class PolicySpec(Strict):
     # Table 8 (CartPole pure-eps-40: our policies recover from random actions better than the
     # paper's; docs/policies.md "Logging policies at the paper's data quality").
     regime_targets: dict[str, dict[str, float]] = {}
+    # A logging policy whose whole budget ends without a checkpoint reaching its target is trained
+    # again from a new seed derived from its own, up to this many more times per env; the first run
+    # that reaches the target is kept (none: the best of them). The paper's policies were "trained to
+    # achieve" their return; a DQN run that never gets there made MountainCar pure's Table 8 mean 35 %
+    # worse on one seed (docs/reproduction.md). 0 (the default) keeps the single run.
+    retrain_misses: NonNegativeInt | dict[str, NonNegativeInt] = 0
 
-    @field_validator("budget", "test_budget", "eval_every", "target_return", "regime_targets")
+    @field_validator("budget", "test_budget", "eval_every", "target_return", "regime_targets", "retrain_misses")
     @classmethod
     def _env_keys(cls, value):
         return known_env_keys(value)
@@ -244,6 +251,12 @@ class PolicySpec(Strict):
         if isinstance(self.target_return, dict):
             return self.target_return.get(env)
         return self.target_return
+
+    def retrains(self, env: str) -> int:
+        """How many more runs a logging policy of ``env`` gets when one misses its target (0: none)."""
+        if isinstance(self.retrain_misses, dict):
+            return self.retrain_misses.get(env, 0)
+        return self.retrain_misses
 
     def regime_target(self, env: str, regime: str) -> float | None:
         """The target of ``regime``'s own logging policies for ``env`` (None: it shares the env's)."""

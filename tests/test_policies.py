@@ -11,7 +11,7 @@ import persim_bench
 from persim_bench.config import GridError, load_grid
 from persim_bench.data.dataset import read_dataset
 from persim_bench.data.generate import dataset_plan, dataset_plans, generate_datasets
-from persim_bench.data.policies import (PolicyError, ProgressLines, load_policy, logging_policy_paths,
+from persim_bench.data.policies import (PolicyError, ProgressLines, _train_task, load_policy, logging_policy_paths,
                                         longest_first, nearest_policy_agent, policy_jobs, save_policy,
                                         train_policies)
 from persim_bench.data.policy_net import PolicyNet
@@ -258,3 +258,25 @@ def test_a_regimes_own_policies_are_scored_noisy_and_make_its_data(ray_cluster, 
     assert plans["pure-eps-40"].policy_paths == tuple(str(headers[f"logging-pure-eps-40-{i}"][0].path(root))
                                                       for i in range(5))
     assert plans["pure"].policy_paths == tuple(str(headers[f"logging-{i}"][0].path(root)) for i in range(5))
+
+
+def test_a_logging_policy_that_misses_its_target_is_trained_again_from_a_derived_seed(write_grid, tmp_path):
+    def job(name, **policies):
+        grid = load_grid(write_grid({**PURE, "policies": {**PURE["policies"], "target_rule": "first", **policies}},
+                                    f"{name}.yaml"))
+        return next(j for j in policy_jobs(grid) if j.role == "logging" and j.index == 0)
+
+    plain, retried = job("plain"), job("retried", retrain_misses={"cartpole": 2})
+    assert plain.retrain_misses == 0 and retried.retrain_misses == 2
+    assert plain.key != retried.key != job("unreachable", retrain_misses=2, target_return=1e6).key
+    assert plain.key == job("other-env", retrain_misses={"mountaincar": 2}).key   # a setting for another env
+
+    # CartPole never returns 1e6: three runs, the job's seed then two derived ones, the best run kept.
+    missed = _train_task(job("unreachable", retrain_misses=2, target_return=1e6), str(tmp_path / "missed.pt"))
+    seeds, bests = zip(*missed["runs"])
+    assert len(seeds) == 3 and seeds[0] == plain.seed and len(set(seeds)) == 3
+    assert max(score for _, score in missed["checkpoints"]) == max(bests)
+    # A reachable target: the first run reaches it and no other run is trained.
+    reached = _train_task(job("reachable", retrain_misses=2, target_return=5.0), str(tmp_path / "reached.pt"))
+    assert [seed for seed, _ in reached["runs"]] == [plain.seed]
+    assert load_policy(tmp_path / "reached.pt")[1]["runs"] == reached["runs"]

@@ -42,11 +42,11 @@ class PolicyError(BenchError):
 
 def policy_key(env: str, role: str, covariates, algorithm: str, budget: int, seed: int, hidden: list[int],
                eval_every: int | None = None, eval_episodes: int = 10, target_return: float | None = None,
-               target_rule: str = "nearest", score_epsilon: float = 0.0) -> str:
+               target_rule: str = "nearest", score_epsilon: float = 0.0, retrain_misses: int = 0) -> str:
     """Content hash of everything that determines a trained policy: its cache file name.
 
-    The checkpoint settings enter only when checkpoints are taken, and ``score_epsilon`` only when
-    it is not 0, so a policy keeps the key it had before these settings existed.
+    The checkpoint settings enter only when checkpoints are taken, and ``score_epsilon`` and
+    ``retrain_misses`` only when not 0, so a policy keeps the key it had before these settings existed.
     """
     spec = {"env": env, "role": role, "covariates": [round(float(c), 10) for c in covariates],
             "algorithm": algorithm, "budget": int(budget), "seed": int(seed), "hidden": list(hidden),
@@ -57,6 +57,8 @@ def policy_key(env: str, role: str, covariates, algorithm: str, budget: int, see
                                "target_rule": target_rule if target_return is not None else None}
         if score_epsilon:
             spec["checkpoints"]["score_epsilon"] = float(score_epsilon)
+        if retrain_misses:
+            spec["checkpoints"]["retrain_misses"] = int(retrain_misses)
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -156,11 +158,13 @@ class PolicyJob:
     target_rule: str = "nearest"           # or "first": the first checkpoint reaching the target
     regime: str | None = None              # the pure* regime whose own policy this is (logging only)
     score_epsilon: float = 0.0             # checkpoints scored with this chance of a random action
+    retrain_misses: int = 0                # more runs, from derived seeds, while the target is missed
 
     @property
     def key(self) -> str:
         return policy_key(self.env, self.role, self.covariates, self.algorithm, self.budget, self.seed, list(self.hidden),
-                          self.eval_every, self.eval_episodes, self.target_return, self.target_rule, self.score_epsilon)
+                          self.eval_every, self.eval_episodes, self.target_return, self.target_rule, self.score_epsilon,
+                          self.retrain_misses)
 
     @property
     def label(self) -> str:
@@ -191,7 +195,8 @@ def policy_jobs(grid: Grid) -> list[PolicyJob]:
                 jobs.append(PolicyJob(role="logging", index=i, covariates=tuple(covariates),
                                       budget=per_env(spec.budget, env), seed=spec.seed + i,
                                       target_return=target, target_rule=spec.target_rule, regime=regime,
-                                      score_epsilon=score_epsilon, **common))
+                                      score_epsilon=score_epsilon,
+                                      retrain_misses=spec.retrains(env) if target is not None else 0, **common))
         if needs_test:  # the test policy keeps its best checkpoint: no target
             jobs.append(PolicyJob(role="test", index=0, covariates=tuple(family.default_covariates),
                                   budget=per_env(spec.test_budget, env), seed=spec.seed + 100, **common))
@@ -222,10 +227,22 @@ def _train_task(job: PolicyJob, path: str) -> dict:
     torch.set_num_threads(1)
     # A task that Ray gave no GPU sees none (CUDA_VISIBLE_DEVICES is emptied): the CPU then.
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    net, metrics = train_policy(job.env, job.covariates, job.algorithm, job.budget, job.seed, list(job.hidden),
-                                n_envs=job.n_envs, eval_episodes=job.eval_episodes, eval_every=job.eval_every,
-                                target_return=job.target_return, target_rule=job.target_rule,
-                                score_epsilon=job.score_epsilon, on_progress=ProgressLines(job), device=device)
+    runs = []
+    for attempt in range(job.retrain_misses + 1):
+        # The first run uses the job's seed; a retrain one derived from it, so no two runs share one.
+        seed = job.seed if attempt == 0 else int(np.random.SeedSequence([job.seed, attempt]).generate_state(1)[0])
+        net, metrics = train_policy(job.env, job.covariates, job.algorithm, job.budget, seed, list(job.hidden),
+                                    n_envs=job.n_envs, eval_episodes=job.eval_episodes, eval_every=job.eval_every,
+                                    target_return=job.target_return, target_rule=job.target_rule,
+                                    score_epsilon=job.score_epsilon, on_progress=ProgressLines(job), device=device)
+        best = max(score for _, score in metrics["checkpoints"])
+        runs.append((net, {**metrics, "run_seed": seed}, best))
+        reached = job.target_return is None or best >= job.target_return
+        if reached:
+            break
+    # The run that reached the target (the last one), else the one whose best checkpoint scored highest.
+    net, metrics, _ = runs[-1] if reached else max(runs, key=lambda run: run[2])
+    metrics["runs"] = [[run[1]["run_seed"], run[2]] for run in runs]  # [seed, best checkpoint score] per run
     header = {**asdict(job), "covariates": list(job.covariates), "hidden": list(job.hidden), "key": job.key,
               "package_version": persim_bench.__version__, **metrics}
     save_policy(net, header, Path(path))
