@@ -206,7 +206,7 @@ def policy_job_seconds(job: PolicyJob, rate: float) -> float:
         per_update = (mlp_seconds(sizes, rl.TD3_BATCH, 1, rate, 1 + TRAIN / delay)
                       + mlp_seconds(critic, rl.TD3_BATCH, 1, rate, 2 + 2 * TRAIN + TRAIN / delay))
         seconds += updates * (STEP_SECONDS["td3"] + per_update)
-    return seconds
+    return seconds * (1 + job.retrain_misses)  # an upper bound, as early stopping: every run may miss
 
 
 def dataset_seconds(grid: Grid, rate: float) -> tuple[int, float]:

@@ -9,6 +9,7 @@ import torch
 
 import persim_bench
 from persim_bench.config import GridError, load_grid
+from persim_bench.costmodel import policy_job_seconds
 from persim_bench.data.dataset import read_dataset
 from persim_bench.data.generate import dataset_plan, dataset_plans, generate_datasets
 from persim_bench.data.policies import (PolicyError, ProgressLines, _train_task, load_policy, logging_policy_paths,
@@ -270,6 +271,8 @@ def test_a_logging_policy_that_misses_its_target_is_trained_again_from_a_derived
     assert plain.retrain_misses == 0 and retried.retrain_misses == 2
     assert plain.key != retried.key != job("unreachable", retrain_misses=2, target_return=1e6).key
     assert plain.key == job("other-env", retrain_misses={"mountaincar": 2}).key   # a setting for another env
+    # --dry-run's upper bound counts every run a job may train.
+    assert policy_job_seconds(retried, 3.4e10) == pytest.approx(3 * policy_job_seconds(plain, 3.4e10))
 
     # CartPole never returns 1e6: three runs, the job's seed then two derived ones, the best run kept.
     missed = _train_task(job("unreachable", retrain_misses=2, target_return=1e6), str(tmp_path / "missed.pt"))
