@@ -76,12 +76,18 @@ class Strict(BaseModel):
         return None
 
 
-def per_env(value, env: str):
-    """A setting given once for all envs or as {env: value}."""
+_REQUIRED = object()
+
+
+def per_env(value, env: str | None, default=_REQUIRED):
+    """A setting given once for all envs or as {env: value}; an env left out of the dict gets
+    ``default`` (a GridError when none is given)."""
     if isinstance(value, dict):
-        if env not in value:
+        if env in value:
+            return value[env]
+        if default is _REQUIRED:
             raise GridError(f"no value for env {env!r} in {value}")
-        return value[env]
+        return default
     return value
 
 
@@ -242,21 +248,15 @@ class PolicySpec(Strict):
 
     def checkpoint_every(self, env: str | None) -> int | None:
         """Env steps between checkpoint evaluations of ``env``'s policies (None: final policy only)."""
-        if isinstance(self.eval_every, dict):
-            return self.eval_every.get(env)
-        return self.eval_every
+        return per_env(self.eval_every, env, None)
 
     def target(self, env: str) -> float | None:
         """The logging policies' target return for ``env`` (None: keep the best checkpoint)."""
-        if isinstance(self.target_return, dict):
-            return self.target_return.get(env)
-        return self.target_return
+        return per_env(self.target_return, env, None)
 
     def retrains(self, env: str) -> int:
         """How many more runs a logging policy of ``env`` gets when one misses its target (0: none)."""
-        if isinstance(self.retrain_misses, dict):
-            return self.retrain_misses.get(env, 0)
-        return self.retrain_misses
+        return per_env(self.retrain_misses, env, 0)
 
     def regime_target(self, env: str, regime: str) -> float | None:
         """The target of ``regime``'s own logging policies for ``env`` (None: it shares the env's)."""

@@ -227,7 +227,7 @@ def _train_task(job: PolicyJob, path: str) -> dict:
     torch.set_num_threads(1)
     # A task that Ray gave no GPU sees none (CUDA_VISIBLE_DEVICES is emptied): the CPU then.
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    runs = []
+    runs = []  # (best checkpoint score, seed, net, metrics) per run
     for attempt in range(job.retrain_misses + 1):
         # The first run uses the job's seed; a retrain one derived from it, so no two runs share one.
         seed = job.seed if attempt == 0 else int(np.random.SeedSequence([job.seed, attempt]).generate_state(1)[0])
@@ -235,14 +235,13 @@ def _train_task(job: PolicyJob, path: str) -> dict:
                                     n_envs=job.n_envs, eval_episodes=job.eval_episodes, eval_every=job.eval_every,
                                     target_return=job.target_return, target_rule=job.target_rule,
                                     score_epsilon=job.score_epsilon, on_progress=ProgressLines(job), device=device)
-        best = max(score for _, score in metrics["checkpoints"])
-        runs.append((net, {**metrics, "run_seed": seed}, best))
-        reached = job.target_return is None or best >= job.target_return
+        runs.append((max(score for _, score in metrics["checkpoints"]), seed, net, metrics))
+        reached = job.target_return is None or runs[-1][0] >= job.target_return
         if reached:
             break
     # The run that reached the target (the last one), else the one whose best checkpoint scored highest.
-    net, metrics, _ = runs[-1] if reached else max(runs, key=lambda run: run[2])
-    metrics["runs"] = [[run[1]["run_seed"], run[2]] for run in runs]  # [seed, best checkpoint score] per run
+    _, seed, net, metrics = runs[-1] if reached else max(runs, key=lambda run: run[0])
+    metrics = {**metrics, "run_seed": seed, "runs": [[s, best] for best, s, _, _ in runs]}
     header = {**asdict(job), "covariates": list(job.covariates), "hidden": list(job.hidden), "key": job.key,
               "package_version": persim_bench.__version__, **metrics}
     save_policy(net, header, Path(path))
