@@ -110,7 +110,9 @@ def test_trials_spread_over_nodes_and_survive_a_node_lost_mid_grid(cluster, tmp_
     lost = next(r for r in runs if r.info.run_id == running.info.run_id)
     assert lost.data.tags["attempts"] == "2" and lost.data.tags["node"] != doomed.node_id  # retried elsewhere
     resumed_at = int(lost.data.tags["resumed_from"].removeprefix("epoch "))
-    assert resumed_at >= 10  # continued from its checkpoint, not from epoch 0
+    # Epoch 10's metrics are logged just before its checkpoint is saved, so the kill can land between the two:
+    # the last checkpoint Tune holds is epoch 9's or later, never epoch 0.
+    assert resumed_at >= 9
     steps = Counter(m.step for m in client.get_metric_history(lost.info.run_id, "fit/train_loss"))
     assert set(steps) == set(range(1, 101))  # the whole curve, in the one MLflow run
     assert all(steps[epoch] == 1 for epoch in range(1, resumed_at + 1))  # epochs before it were not trained again
