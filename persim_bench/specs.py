@@ -21,6 +21,7 @@ PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 # Seeds reach numpy and torch generators (torch takes at most 64 bits; offsets such as seed + 100 are added).
 Seed = Annotated[int, Field(ge=0, lt=2**32)]
+TargetRule = Literal["nearest", "first", "first-held"]  # data.rl.TARGET_RULES
 
 
 class FieldError(ValueError):
@@ -205,7 +206,9 @@ class PolicySpec(Strict):
     # more robust to random actions: eps-20/40 data 5-40% better than Table 8's, and the pure mean
     # jumps with the policy seed (MountainCar -117 with seed 0, -143 with seed 1).
     target_return: float | dict[str, float | None] | None = None
-    target_rule: Literal["nearest", "first"] = "nearest"
+    # "first-held": early stopping at the first checkpoint reaching the target right after one that
+    # reached it too (a policy that got there, not a lucky checkpoint); a rule for all envs or {env: rule}.
+    target_rule: TargetRule | dict[str, TargetRule] = "nearest"
     # Logging policies of their own for some pure* regimes, {env: {regime: target}}: their
     # checkpoints are scored on their own agent acting as the regime acts (a uniform random action
     # with the regime's probability) and chosen by target_rule against this target; the env's
@@ -221,7 +224,8 @@ class PolicySpec(Strict):
     # worse on one seed (docs/reproduction.md). 0 (the default) keeps the single run.
     retrain_misses: NonNegativeInt | dict[str, NonNegativeInt] = 0
 
-    @field_validator("budget", "test_budget", "eval_every", "target_return", "regime_targets", "retrain_misses")
+    @field_validator("budget", "test_budget", "eval_every", "target_return", "target_rule", "regime_targets",
+                     "retrain_misses")
     @classmethod
     def _env_keys(cls, value):
         return known_env_keys(value)
@@ -253,6 +257,10 @@ class PolicySpec(Strict):
     def target(self, env: str) -> float | None:
         """The logging policies' target return for ``env`` (None: keep the best checkpoint)."""
         return per_env(self.target_return, env, None)
+
+    def rule(self, env: str) -> str:
+        """How ``env``'s logging policies choose their checkpoint against the target (``rl.select_checkpoint``)."""
+        return per_env(self.target_rule, env, "nearest")
 
     def retrains(self, env: str) -> int:
         """How many more runs a logging policy of ``env`` gets when one misses its target (0: none)."""

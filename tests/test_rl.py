@@ -110,6 +110,10 @@ def test_select_checkpoint():
     # early stopping: the first checkpoint reaching the target, else the best
     assert select_checkpoint(returns, -130, "first") == 2 and select_checkpoint(returns, -300, "first") == 1
     assert select_checkpoint(returns, -50, "first") == 3 and select_checkpoint(returns, None, "first") == 3
+    # held: the first checkpoint reaching the target right after one that reached it too, else the best
+    assert select_checkpoint(returns, -130, "first-held") == 3 and select_checkpoint(returns, -300, "first-held") == 2
+    assert select_checkpoint([-150, -500, -190, -120], -200, "first-held") == 3   # -150 alone is not held
+    assert select_checkpoint(returns, -100, "first-held") == 3 and select_checkpoint([-150], -200, "first-held") == 0
     with pytest.raises(ValueError, match="unknown checkpoint rule 'last'"):
         select_checkpoint(returns, -130, "last")
 
@@ -146,6 +150,18 @@ def test_checkpoint_nearest_the_target_is_kept():
     assert early["chosen_checkpoint"] == first and early["env_steps"] == steps[first] < 1200
     rescored = evaluate_policy(family, covariates, early_net, 4, np.random.default_rng([0, 3])).mean()
     assert rescored == pytest.approx(returns[first])
+    assert early["target_met"] and not best["target_met"]
+
+    # held: training ends at the first checkpoint whose return and its predecessor's both reach the target
+    held = max(min(a, b) for a, b in zip(returns, returns[1:]))
+    kept = next(k for k in range(1, len(returns)) if min(returns[k - 1], returns[k]) >= held)
+    assert kept > next(k for k, r in enumerate(returns) if r >= held), "no lucky first checkpoint to skip here"
+    held_net, held_info = run(held, "first-held")
+    assert held_info["checkpoints"] == best["checkpoints"][:kept + 1] and held_info["chosen_checkpoint"] == kept
+    assert held_info["target_met"]
+    never, never_info = run(1e9, "first-held")   # out of reach: the whole budget, then the best checkpoint
+    assert never_info["checkpoints"] == best["checkpoints"] and not never_info["target_met"]
+    assert never_info["chosen_checkpoint"] == best["chosen_checkpoint"]
 
 
 def test_evaluation_with_epsilon_one_ignores_the_policy():

@@ -155,7 +155,7 @@ class PolicyJob:
     eval_every: int | None = None          # env steps between checkpoints (None: the final policy only)
     eval_episodes: int = 10
     target_return: float | None = None     # keep the checkpoint nearest it (None: the best); logging only
-    target_rule: str = "nearest"           # or "first": the first checkpoint reaching the target
+    target_rule: str = "nearest"           # or "first" / "first-held": early stopping (rl.meets_target)
     regime: str | None = None              # the pure* regime whose own policy this is (logging only)
     score_epsilon: float = 0.0             # checkpoints scored with this chance of a random action
     retrain_misses: int = 0                # more runs, from derived seeds, while the target is missed
@@ -194,7 +194,7 @@ def policy_jobs(grid: Grid) -> list[PolicyJob]:
             for i, covariates in enumerate(family.policy_agents):
                 jobs.append(PolicyJob(role="logging", index=i, covariates=tuple(covariates),
                                       budget=per_env(spec.budget, env), seed=spec.seed + i,
-                                      target_return=target, target_rule=spec.target_rule, regime=regime,
+                                      target_return=target, target_rule=spec.rule(env), regime=regime,
                                       score_epsilon=score_epsilon,
                                       retrain_misses=spec.retrains(env) if target is not None else 0, **common))
         if needs_test:  # the test policy keeps its best checkpoint: no target
@@ -236,7 +236,7 @@ def _train_task(job: PolicyJob, path: str) -> dict:
                                     target_return=job.target_return, target_rule=job.target_rule,
                                     score_epsilon=job.score_epsilon, on_progress=ProgressLines(job), device=device)
         runs.append((max(score for _, score in metrics["checkpoints"]), seed, net, metrics))
-        reached = job.target_return is None or runs[-1][0] >= job.target_return
+        reached = job.target_return is None or metrics["target_met"]
         if reached:
             break
     # The run that reached the target (the last one), else the one whose best checkpoint scored highest.

@@ -9,7 +9,8 @@ agent (``eval_episodes`` episodes stepped as one batch; with ``score_epsilon`` >
 pure-eps-* regime does, a uniform random action with that probability) and its weights are kept
 in memory; the policy returned is the checkpoint whose score is nearest ``target_return`` or, with
 ``target_rule="first"``, the first to reach it (early stopping: the paper's logging policies are
-"trained to achieve" a return and are not optimal, Table 8); the best one without a target.
+"trained to achieve" a return and are not optimal, Table 8), or with ``"first-held"`` the first
+to reach it right after a checkpoint that reached it too; the best one without a target.
 
 Devices: networks, the replay buffer, its sampling and every update live on ``device`` (``"cuda"``
 when there is a GPU); the envs step on the CPU, observations go over and actions come back.
@@ -279,22 +280,35 @@ class Checkpoint:
     state: dict[str, torch.Tensor]
 
 
-TARGET_RULES = ("nearest", "first")
+TARGET_RULES = ("nearest", "first", "first-held")
+EARLY_STOPPING_RULES = ("first", "first-held")
+
+
+def meets_target(returns, target: float, rule: str) -> np.ndarray:
+    """Which checkpoints satisfy an early-stopping rule: ``"first"``, a return reaching ``target`` (>=);
+    ``"first-held"``, reaching it right after a checkpoint that reached it too.
+
+    DQN's greedy return jumps between checkpoints (MountainCar: -500, -185, -448, -196, ...), so
+    the first checkpoint above a target is often a lucky one; one that holds is a policy that got there.
+    """
+    met = np.asarray(returns, dtype=np.float64) >= target
+    return met & np.concatenate([[False], met[:-1]]) if rule == "first-held" else met
 
 
 def select_checkpoint(returns, target: float | None, rule: str = "nearest") -> int:
     """Index of the checkpoint to keep, from the greedy returns of the checkpoints in training order.
 
     No target: the best. ``rule="nearest"``: the return nearest ``target``; ties go to the later
-    checkpoint (more training behind the same score). ``rule="first"``: early stopping, the first
-    checkpoint whose return reaches ``target`` (>=), the best one if none does.
+    checkpoint (more training behind the same score). ``rule="first"`` / ``"first-held"``: early
+    stopping, the first checkpoint that ``meets_target``, the best one if none does.
     """
     if rule not in TARGET_RULES:
         raise ValueError(f"unknown checkpoint rule {rule!r}; known: {', '.join(TARGET_RULES)}")
     returns = np.asarray(returns, dtype=np.float64)
-    if target is not None and rule == "first" and (returns >= target).any():
-        return int(np.argmax(returns >= target))
-    score = returns if target is None or rule == "first" else -np.abs(returns - target)
+    early_stopping = rule in EARLY_STOPPING_RULES
+    if target is not None and early_stopping and (met := meets_target(returns, target, rule)).any():
+        return int(np.argmax(met))
+    score = returns if target is None or early_stopping else -np.abs(returns - target)
     return int(len(score) - 1 - np.argmax(score[::-1]))
 
 
@@ -308,13 +322,15 @@ def train_policy(env: str, covariates, algorithm: str, budget: int, seed: int, h
     the end, the greedy policy is scored over
     ``eval_episodes`` episodes of its own agent (one batch, the same start states every time) and
     kept as a checkpoint; ``eval_every=None`` keeps the final policy only. The checkpoint returned
-    is the one nearest ``target_return`` (``target_rule="first"``: the first to reach it), or the
+    is the one nearest ``target_return`` (``target_rule="first"`` / ``"first-held"``: the first
+    that ``meets_target``), or the
     best one when it is None (``select_checkpoint``). A checkpoint's score is its greedy return, or
     with ``score_epsilon`` > 0 its return when a random action replaces the greedy one with that
     probability (a logging policy chosen for a pure-eps-* regime's data quality).
 
-    With ``target_rule="first"`` training stops at the first checkpoint reaching the target (the
-    later ones could not be chosen), so ``env_steps`` may be less than the budget.
+    With an early-stopping rule training stops at the first checkpoint that meets the target (the
+    later ones could not be chosen), so ``env_steps`` may be less than the budget; the summary's
+    ``target_met`` says whether one did.
 
     Returns that greedy network, on the CPU in eval mode, and a summary: its mean/std return over
     ``eval_episodes`` fresh episodes (scored the same way), wall time, env steps taken, gradient
@@ -363,7 +379,7 @@ def train_policy(env: str, covariates, algorithm: str, budget: int, seed: int, h
     report_every = max(iterations // 20, 1)
     checkpoint_every = max(eval_every // n_envs, 1) if eval_every is not None else None
     checkpoints: list[Checkpoint] = []
-    stop_early = target_rule == "first" and target_return is not None
+    stop_early = target_rule in EARLY_STOPPING_RULES and target_return is not None
     update_credit, loss = 0.0, float("nan")
 
     def checkpoint(steps_done: int) -> None:
@@ -397,7 +413,8 @@ def train_policy(env: str, covariates, algorithm: str, budget: int, seed: int, h
         reached = False
         if (checkpoint_every is not None and iteration % checkpoint_every == 0) or iteration == iterations:
             checkpoint(iteration * n_envs)
-            reached = stop_early and checkpoints[-1].scored_return >= target_return
+            reached = stop_early and meets_target([c.scored_return for c in checkpoints[-2:]], target_return,
+                                                  target_rule)[-1]
 
         if on_progress is not None and (iteration % report_every == 0 or iteration == iterations or reached):
             # Training returns include exploration (ez-greedy's long random runs topple CartPole),
@@ -412,7 +429,11 @@ def train_policy(env: str, covariates, algorithm: str, budget: int, seed: int, h
         if reached:     # early stopping: the first checkpoint to reach the target is the one kept
             break
 
-    chosen = select_checkpoint([c.scored_return for c in checkpoints], target_return, target_rule)
+    scores = [c.scored_return for c in checkpoints]
+    chosen = select_checkpoint(scores, target_return, target_rule)
+    # Did a checkpoint get there: by the early-stopping rule, else by reaching the target once.
+    target_met = target_return is not None and bool(meets_target(
+        scores, target_return, target_rule if target_rule in EARLY_STOPPING_RULES else "first").any())
     net = copy.deepcopy(learner.policy()).cpu().eval()
     net.load_state_dict(checkpoints[chosen].state)
     train_seconds = time.perf_counter() - start
@@ -421,4 +442,5 @@ def train_policy(env: str, covariates, algorithm: str, budget: int, seed: int, h
                  "train_seconds": train_seconds, "env_steps": checkpoints[-1].steps,
                  "updates": learner.updates, "device": str(device),
                  "checkpoints": [[c.steps, c.scored_return] for c in checkpoints], "chosen_checkpoint": chosen,
-                 "target_return": target_return, "target_rule": target_rule, "score_epsilon": score_epsilon}
+                 "target_return": target_return, "target_rule": target_rule, "target_met": target_met,
+                 "score_epsilon": score_epsilon}
