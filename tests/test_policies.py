@@ -261,6 +261,21 @@ def test_a_regimes_own_policies_are_scored_noisy_and_make_its_data(ray_cluster, 
     assert plans["pure"].policy_paths == tuple(str(headers[f"logging-{i}"][0].path(root)) for i in range(5))
 
 
+def test_target_rule_per_env_and_a_grid_extending_paper_changes_one_env(write_grid):
+    grid = load_grid(write_grid({"extends": "paper", "name": "held", "envs": ["mountaincar", "cartpole"],
+                                 "regimes": ["pure"], "policies": {"target_rule": {"mountaincar": "first-held"}}},
+                                "held.yaml"))
+    rules = {(j.env, j.role): j.target_rule for j in policy_jobs(grid)}
+    assert rules[("mountaincar", "logging")] == "first-held" and rules[("cartpole", "logging")] == "first"
+    paper = {(j.env, j.regime, j.index): j.key for j in policy_jobs(load_grid("paper")) if j.role == "logging"}
+    held = {(j.env, j.regime, j.index): j.key for j in policy_jobs(grid) if j.role == "logging"}
+    assert all(held[k] != paper[k] for k in held if k[0] == "mountaincar")   # another rule, another policy file
+    assert all(held[k] == paper[k] for k in held if k[0] == "cartpole")
+    with pytest.raises(GridError, match="target_rule"):
+        load_grid(write_grid({**PURE, "policies": {**PURE["policies"], "target_rule": {"cartpole": "held"}}},
+                             "bad-rule.yaml"))
+
+
 def test_a_logging_policy_that_misses_its_target_is_trained_again_from_a_derived_seed(write_grid, tmp_path):
     def job(name, **policies):
         grid = load_grid(write_grid({**PURE, "policies": {**PURE["policies"], "target_rule": "first", **policies}},
