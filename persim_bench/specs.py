@@ -21,7 +21,7 @@ PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 # Seeds reach numpy and torch generators (torch takes at most 64 bits; offsets such as seed + 100 are added).
 Seed = Annotated[int, Field(ge=0, lt=2**32)]
-TargetRule = Literal["nearest", "first", "first-held"]  # data.rl.TARGET_RULES
+TargetRule = Literal["nearest", "first", "first-held"]  # how a logging policy picks its checkpoint (data.rl)
 
 
 class FieldError(ValueError):

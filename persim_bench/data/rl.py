@@ -21,6 +21,7 @@ import copy
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import get_args
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from persim_bench.data.policy_net import PolicyNet
 from persim_bench.envs import get_env
 from persim_bench.envs.base import BatchSim, EnvFamily
+from persim_bench.specs import TargetRule
 
 GAMMA = 0.99
 BUFFER_SIZE = 1_000_000        # transitions kept, summed over the parallel envs (TD3 paper: every one)
@@ -280,13 +282,13 @@ class Checkpoint:
     state: dict[str, torch.Tensor]
 
 
-TARGET_RULES = ("nearest", "first", "first-held")
+TARGET_RULES = get_args(TargetRule)
 EARLY_STOPPING_RULES = ("first", "first-held")
 
 
 def meets_target(returns, target: float, rule: str) -> np.ndarray:
-    """Which checkpoints satisfy an early-stopping rule: ``"first"``, a return reaching ``target`` (>=);
-    ``"first-held"``, reaching it right after a checkpoint that reached it too.
+    """Which checkpoints meet ``target``: ``"first-held"``, a return reaching it (>=) right after a
+    checkpoint that reached it too; any other rule, a return reaching it.
 
     DQN's greedy return jumps between checkpoints (MountainCar: -500, -185, -448, -196, ...), so
     the first checkpoint above a target is often a lucky one; one that holds is a policy that got there.
@@ -426,14 +428,12 @@ def train_policy(env: str, covariates, algorithm: str, budget: int, seed: int, h
             if algorithm == "dqn":
                 metrics["epsilon"] = learner.epsilon(steps)
             on_progress(iteration * n_envs, metrics)
-        if reached:     # early stopping: the first checkpoint to reach the target is the one kept
+        if reached:     # early stopping: the first checkpoint that meets the target is the one kept
             break
 
     scores = [c.scored_return for c in checkpoints]
     chosen = select_checkpoint(scores, target_return, target_rule)
-    # Did a checkpoint get there: by the early-stopping rule, else by reaching the target once.
-    target_met = target_return is not None and bool(meets_target(
-        scores, target_return, target_rule if target_rule in EARLY_STOPPING_RULES else "first").any())
+    target_met = target_return is not None and bool(meets_target(scores, target_return, target_rule).any())
     net = copy.deepcopy(learner.policy()).cpu().eval()
     net.load_state_dict(checkpoints[chosen].state)
     train_seconds = time.perf_counter() - start
