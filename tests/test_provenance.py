@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -165,3 +166,40 @@ def test_metric_names_are_grouped_in_mlflow_and_read_back_under_either_naming():
     new = SimpleNamespace(data=SimpleNamespace(metrics={"reward/agent0": 1.0, "loss/val": 0.5}))
     old = SimpleNamespace(data=SimpleNamespace(metrics={"reward_agent0": 1.0, "val_loss": 0.5}))
     assert run_metrics(new) == run_metrics(old) == {"reward_agent0": 1.0, "val_loss": 0.5}
+
+
+def test_a_run_left_without_params_by_a_killed_driver_gets_them_when_reused(finished):
+    """Creating a run and logging its params are two MLflow calls; a driver killed between them left a run
+    without ``rank``, and the resumed grid's tables failed reading it (CI, 2026-12-02)."""
+    from persim_bench.config import Grid
+    from persim_bench.orchestration.provenance import provenance_tags
+    from persim_bench.orchestration.tables import cost_records
+    from persim_bench.data.dataset import data_root, policy_root
+    from persim_bench.orchestration.tracking import trial_of_run, trial_params
+    from persim_bench.orchestration.trials import RunContext, main_trials, open_trial_run
+
+    results, client, experiment, runs, parent = finished
+    grid = Grid.model_validate(TINY)
+    trial = next(t for t in main_trials(grid) if t.algo == "persim")
+    context = RunContext(grid.model_dump(), str(data_root(results, grid.name)), str(policy_root(results)),
+                         f"sqlite:///{results / 'mlflow.db'}", experiment.experiment_id, parent.info.run_id)
+    half = client.create_run(experiment.experiment_id, run_name=trial.name,  # what the kill left behind
+                             tags={"trial": trial.name, "stage": trial.stage, "algo": trial.algo, "env": trial.env,
+                                   "regime": trial.regime, "seed": str(trial.seed), **provenance_tags()})
+    run_id = open_trial_run(client, context, grid, trial, client.get_run(half.info.run_id), {"node": "n"})
+    reused = client.get_run(run_id)
+    assert run_id == half.info.run_id and reused.data.tags["attempts"] == "2"
+    assert reused.data.params == trial_params(context.grid, trial)
+    assert trial_of_run(reused).rank == trial.rank == 2
+    finished_input = runs[trial.name].inputs.dataset_inputs[0].dataset
+    assert [i.dataset.digest for i in reused.inputs.dataset_inputs] == [finished_input.digest]
+    open_trial_run(client, context, grid, trial, client.get_run(run_id), {"node": "m"})  # complete: nothing added
+    assert len(client.get_run(run_id).inputs.dataset_inputs) == 1
+
+    # A run that finished without params before this fix: the tables price it as unknown, not a traceback.
+    old = client.create_run(experiment.experiment_id, tags={"trial": trial.name, "stage": "main", "algo": "persim",
+                                                            "env": trial.env, "regime": trial.regime, "seed": "0"})
+    client.log_metric(old.info.run_id, "seconds_total", 3.0)
+    client.set_terminated(old.info.run_id, "FINISHED")
+    [record] = cost_records([client.get_run(old.info.run_id)], grid, Path(context.data_root), 1e9)
+    assert record.estimated_seconds is None and record.algo == "persim"

@@ -120,7 +120,7 @@ def cost_records(runs: list, grid: Grid, data_root: Path, rate: float) -> list[C
         algo = tags["algo"]
         cost = ALGORITHMS[algo].cost if algo in ALGORITHMS else None
         estimated = None
-        if cost is not None:
+        if cost is not None and run.data.params:  # a run made before open_trial_run completed a killed one's params
             trial = trial_of_run(run)
             estimated = cost(grid, trial, trial_rows(grid, trial, manifest_rows(trial.env, trial.regime)), rate)
         records.append(CostRecord(algo=algo, env=tags["env"], cpus=grid.trial_resources(algo).cpu,

@@ -182,6 +182,38 @@ class TrialError(RuntimeError):
     """A trial's own code failed (recorded in MLflow): Tune shows the trial as ERROR, with this message."""
 
 
+def open_trial_run(client, context: RunContext, grid: Grid, trial: Trial, earlier, where: dict) -> str:
+    """The trial's MLflow run, created now or reused from ``earlier``, with all its params and its dataset input.
+
+    Creating a run and logging its params are separate MLflow calls: a driver killed between them
+    leaves a run without params, so a reused run gets whatever it misses (the tables read ``rank``
+    and the data-size fields from params).
+    """
+    from mlflow.entities import Param
+
+    if earlier is None:  # where it runs is tagged with the run's creation: a watcher never sees it without
+        run_id = client.create_run(
+            context.experiment_id, run_name=trial.name,
+            tags={"mlflow.parentRunId": context.parent_run_id, "trial": trial.name, "stage": trial.stage,
+                  "algo": trial.algo, "env": trial.env, "regime": trial.regime, "seed": str(trial.seed),
+                  **where, **provenance_tags()}).info.run_id
+        logged_params, has_input = {}, False
+    else:  # a restart after the worker died, or a resumed invocation
+        run_id = earlier.info.run_id
+        client.set_tag(run_id, "attempts", str(int(earlier.data.tags.get("attempts", "1")) + 1))
+        for key, value in where.items():
+            client.set_tag(run_id, key, value)
+        client.update_run(run_id, status="RUNNING")
+        logged_params, has_input = earlier.data.params, bool(earlier.inputs and earlier.inputs.dataset_inputs)
+    missing = [Param(k, v) for k, v in trial_params(context.grid, trial).items() if k not in logged_params]
+    if missing:
+        client.log_batch(run_id, params=missing)
+    read = dataset_input(Path(context.data_root), grid.name, trial.env, trial.regime)
+    if read is not None and ALGORITHMS[trial.algo].needs_data and not has_input:
+        log_dataset_input(client, run_id, read)
+    return run_id
+
+
 def run_trial(config: dict, context: RunContext) -> None:
     """The Tune trainable: one experiment, recorded in exactly one MLflow run per grid invocation.
 
@@ -192,7 +224,7 @@ def run_trial(config: dict, context: RunContext) -> None:
     """
     import ray
     import torch
-    from mlflow.entities import Metric, Param
+    from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
     from ray import tune
 
@@ -209,22 +241,7 @@ def run_trial(config: dict, context: RunContext) -> None:
         raise TrialError(earlier.data.tags.get("error", "failed"))
     device = trial_device(grid, trial)
     where = {"node": ray.get_runtime_context().get_node_id(), "device": device}
-    if earlier is None:  # where it runs is tagged with the run's creation: a watcher never sees it without
-        run_id = client.create_run(
-            context.experiment_id, run_name=trial.name,
-            tags={"mlflow.parentRunId": context.parent_run_id, "trial": trial.name, "stage": trial.stage,
-                  "algo": trial.algo, "env": trial.env, "regime": trial.regime, "seed": str(trial.seed),
-                  **where, **provenance_tags()}).info.run_id
-        client.log_batch(run_id, params=[Param(k, v) for k, v in trial_params(context.grid, trial).items()])
-        read = dataset_input(Path(context.data_root), grid.name, trial.env, trial.regime)
-        if read is not None and ALGORITHMS[trial.algo].needs_data:
-            log_dataset_input(client, run_id, read)
-    else:  # a restart after the worker died, or a resumed invocation
-        run_id = earlier.info.run_id
-        client.set_tag(run_id, "attempts", str(int(earlier.data.tags.get("attempts", "1")) + 1))
-        for key, value in where.items():
-            client.set_tag(run_id, key, value)
-        client.update_run(run_id, status="RUNNING")
+    run_id = open_trial_run(client, context, grid, trial, earlier, where)
     algo, pre_stage = ALGORITHMS[trial.algo], pre_stage_of(trial)
     progress = TrialProgress(client, run_id)
     ctx = trial_context(grid, trial, Path(context.data_root), Path(context.policy_root),
