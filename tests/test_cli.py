@@ -191,6 +191,28 @@ def test_the_trial_callback_prints_finished_trials_and_warns_failed_ones_when_qu
         assert seen[0].levelno == logging.WARNING
 
 
+
+@pytest.mark.parametrize("level", ["quiet", "normal"])
+def test_a_long_fit_prints_its_epochs_at_most_once_a_minute(clean_env, capsys, level):
+    """HalfCheetah epochs take minutes: a user sees the fit move; smoke's second-long epochs print nothing."""
+    reporting.configure(level)
+    (callback,) = reporting.trial_lines()
+    slow, fast = FakeTrial("slow", "RUNNING", {}), FakeTrial("fast", "RUNNING", {})
+    for epoch, seconds in ((1, 212.0), (2, 250.0), (3, 430.0)):
+        callback.on_trial_result(0, [slow], slow, {"stage": "fit", "epoch": epoch, "train_loss": 0.01234,
+                                                    "epoch_seconds": 210.0, "time_total_s": seconds})
+    for epoch in range(1, 50):
+        callback.on_trial_result(0, [fast], fast, {"stage": "fit", "epoch": epoch, "time_total_s": epoch * 0.5})
+    callback.on_trial_result(0, [fast], fast, {"stage": "checkpoint", "epoch": 50, "time_total_s": 100.0})
+    out = capsys.readouterr().out.splitlines()
+    if level == "normal":
+        assert out == ["[main] slow: fitting, epoch 1, train_loss 0.01234, 210 s per epoch, 212 s",
+                       "[main] slow: fitting, epoch 3, train_loss 0.01234, 210 s per epoch, 430 s"]
+    else:
+        assert out == []
+    assert reporting.fit_line("main", "cadm", {"iteration": 2, "epoch": 7, "val_loss": -4.0}) == \
+        "[main] cadm: fitting, iteration 2, epoch 7, val_loss -4"
+
 def test_tracking_uri_flag_then_environment_then_results(clean_env, tmp_path):
     results = tmp_path / "results"
     args = argparse.Namespace(mlflow_uri=None)

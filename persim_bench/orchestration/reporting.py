@@ -10,7 +10,8 @@ level      prints                                               Tune ``RunConfig
 quiet      warnings and each command's one-line result; a       0, Tune's own output off
            failed trial as a warning; no progress bars
 normal     + progress bars on a terminal, one line per          0, plus a short box per stage
-           finished trial (``[main 3/107] name: done, ...``)
+           finished trial (``[main 3/107] name: done, ...``),
+           and a fit's epoch at most once a minute per trial
 verbose    + Tune's per-trial tables and status tables (-v)     1
 debug      + every intermediate result Tune sees (-vv)          2
 =========  ===================================================  ==============================
@@ -112,8 +113,30 @@ def trial_line(stage: str, done: int, total: int | None, name: str, result: dict
     return f"[{stage} {count}] {name}: {result.get('stage', 'ended')}{reused}{', ' + metric if metric else ''}{took}"
 
 
+FIT_LINE_EVERY_S = 60.0  # a fit's progress line at most this often per trial: long fits show they move, short stay quiet
+FIT_METRICS = ("train_loss", "val_loss")
+
+
+def fit_line(stage: str, name: str, result: dict) -> str:
+    """``[main] persim-halfcheetah-random-r20-s0: fitting, epoch 3, train_loss 0.0123, 212 s per epoch, 640 s``."""
+    where = [f"{key} {result[key]}" for key in ("iteration", "epoch") if key in result]
+    losses = [f"{key} {result[key]:.4g}" for key in FIT_METRICS if isinstance(result.get(key), (int, float))]
+    per_epoch = result.get("epoch_seconds")
+    pace = [f"{per_epoch:.0f} s per epoch"] if isinstance(per_epoch, (int, float)) else []
+    seconds = result.get("time_total_s")
+    took = [f"{seconds:.0f} s"] if isinstance(seconds, (int, float)) else []
+    return f"[{stage}] {name}: " + ", ".join(["fitting", *where, *losses, *pace, *took])
+
+
+def stage_and_name(trial) -> tuple[str, str]:
+    """The stage and name our trainable's config gives a Tune trial."""
+    config = trial.config.get("trial", {}) if isinstance(trial.config, dict) else {}
+    return config.get("stage", "trial"), config.get("name", str(trial))
+
+
 def trial_lines() -> list:
-    """Tune callbacks printing one line per finished trial (a failed one as a warning when quiet).
+    """Tune callbacks printing one line per finished trial (a failed one as a warning when quiet), and a line
+    per fit epoch of a trial that has run a minute since its last one (``fit_line``; not when quiet).
 
     The level is read when a trial finishes, so a restored experiment follows the current ``-q``/``-v``.
     """
@@ -122,6 +145,7 @@ def trial_lines() -> list:
     class TrialLines(Callback):
         def __init__(self):
             self.total = None
+            self.fit_printed_at: dict[str, float] = {}  # trial id -> its time_total_s at its last fit line
 
         def setup(self, stop=None, num_samples=None, total_num_samples=None, **info):
             self.total = total_num_samples
@@ -130,16 +154,25 @@ def trial_lines() -> list:
             # Tune calls these hooks before it sets the trial's final status: count the trial itself.
             done = len({t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")} | {trial.trial_id})
             total = self.total if self.total and self.total < sys.maxsize else len(trials)
-            config = trial.config.get("trial", {}) if isinstance(trial.config, dict) else {}
+            stage, name = stage_and_name(trial)
             result = trial.last_result or {}
-            name = config.get("name", str(trial))
-            line = trial_line(config.get("stage", "trial"), done, total, name, result, errored)
+            line = trial_line(stage, done, total, name, result, errored)
             failed = errored is not None or result.get("stage") == "failed"
             if verbosity() == "quiet":
                 if failed:
                     log.warning(line)
             else:
                 print(line, flush=True)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            """A fit's epoch, printed once a trial has run FIT_LINE_EVERY_S since its last such line (or its start)."""
+            seconds = result.get("time_total_s")
+            if result.get("stage") != "fit" or verbosity() not in ("normal", "verbose") or \
+                    not isinstance(seconds, (int, float)):
+                return
+            if seconds - self.fit_printed_at.get(trial.trial_id, 0.0) >= FIT_LINE_EVERY_S:
+                self.fit_printed_at[trial.trial_id] = seconds
+                print(fit_line(*stage_and_name(trial), result), flush=True)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._line(trials, trial)
