@@ -176,3 +176,28 @@ def test_every_epoch_reports_its_losses_and_iteration(valid_split):
         assert all("val_loss" in m and np.isfinite(m["val_loss"]) for _, m in reports)
     assert reports[-1][1]["train_loss"] == metrics["train_loss"]
     assert all(m["epoch_seconds"] > 0 for _, m in reports)  # the rate of a long fit, live in MLflow
+
+
+def test_a_trial_thread_computes_with_denormal_weights_flushed():
+    """CaDM's weight decay drives dead units' weights denormal, and denormal operands make Intel's
+    matrix products 3-19x slower (docs/efficiency.md): a trial's thread flushes them to zero."""
+    import threading
+
+    from persim_bench.orchestration.trials import denormals_flushed, prepare_compute_thread, trial_numerics
+
+    weights, inputs = torch.full((8, 8), 1e-39), torch.ones(8, 4)  # 1e-39: a float32 denormal
+    assert (weights @ inputs).abs().min() > 0                     # IEEE: kept, products of 8e-39
+    in_trial = []
+
+    def trial_thread():
+        prepare_compute_thread(1)
+        in_trial.append((float((weights @ inputs).abs().max()), denormals_flushed()))
+
+    worker = threading.Thread(target=trial_thread)
+    worker.start()
+    worker.join()
+    assert in_trial == [(0.0, True)]
+    assert not denormals_flushed()            # the flag is per thread: the caller's stays as it was
+    with trial_numerics():                    # `persim-bench evaluate` scores as the trial computed
+        assert float((weights @ inputs).abs().max()) == 0.0
+    assert not denormals_flushed()

@@ -48,6 +48,7 @@ def test_every_run_carries_version_commit_grid_and_dataset(finished):
     for run in [parent, *runs.values()]:
         assert run.data.tags["persim_bench.version"] == persim_bench.__version__
         assert len(run.data.tags["persim_bench.git_commit"]) == 40  # the tests run from a git checkout
+    assert {run.data.tags["denormals"] for run in runs.values()} == {"flushed"}  # measured in each trial's thread
     grid = mlflow.artifacts.load_text(f"{parent.info.artifact_uri}/grid.yaml")
     assert "name: tiny-provenance" in grid and "rank_grid:" in grid  # resolved: defaults filled in
     manifest = json.loads((results / "datasets" / "tiny-provenance" / "cartpole" / "regime=random"

@@ -19,7 +19,7 @@ from persim_bench.data.dataset import data_root, policy_root
 from persim_bench.errors import TrackingError
 from persim_bench.orchestration.provenance import provenance_tags
 from persim_bench.orchestration.tracking import GRID_ARTIFACT, mlflow_metric_name, trial_of_run
-from persim_bench.orchestration.trials import algorithm_spec, trial_context
+from persim_bench.orchestration.trials import algorithm_spec, trial_context, trial_numerics
 
 
 def evaluation_overrides(episodes: int | None, agents: list[int] | None, prediction_policy: str | None = None,
@@ -75,7 +75,8 @@ def evaluate_run(run_id: str, results: Path, tracking_uri: str, episodes: int | 
         model = algo.reload(Path(model_dir), "cpu")
         ctx = trial_context(grid, trial, data_root(results, grid.name), policy_root(results), scratch / "work")
         started = time.perf_counter()
-        output = algo.evaluate(model, trial, algorithm_spec(grid, trial), ctx)
+        with trial_numerics():  # as the trial computed: the same model scores the same
+            output = algo.evaluate(model, trial, algorithm_spec(grid, trial), ctx)
     new = client.create_run(run.info.experiment_id, run_name=f"{trial.name}-evaluate",
                             tags={"persim_bench.evaluates": run_id, "evaluated_trial": trial.name,
                                   "algo": trial.algo, "env": trial.env, "regime": trial.regime,
