@@ -221,6 +221,43 @@ def cadm_step_chunked_vs_one_pass(env: str, rows: int) -> dict:
             "ours_s": chunked, "baseline_s": whole, "ratio": whole / chunked, "target": 1.1}
 
 
+def cadm_step_flushed_vs_denormal(env: str, denormal_share: float) -> dict:
+    """Vanilla CaDM's forward and backward pass (paper sizes, 1 thread) with ``denormal_share`` of its context
+    encoder's hidden weights denormal, as weight decay leaves dead units' weights (20-46 % of layers 1-2
+    after 8k HalfCheetah steps, docs/benchmarks.md): flushed to zero, as trials compute, vs IEEE."""
+    import torch
+
+    from persim_bench.algos.cadm import CadmModel, CadmSpec, _losses, training_tensors
+    from persim_bench.orchestration.trials import trial_numerics
+
+    spec = CadmSpec()
+    model = CadmModel.from_spec(spec, env, False, 0)
+    tensors = training_tensors(model, persim_data(env, 20, 200), spec.future)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in model.encoder.layers[1:-1]:
+            decayed = torch.rand(layer.weight.shape, generator=gen) < denormal_share
+            layer.weight[decayed] = 1e-39 * layer.weight[decayed].sign()
+    pairs = torch.randint(len(tensors["source"]), (1, spec.batch_size), generator=gen)
+
+    def step():
+        recon, _ = _losses(model, tensors, pairs, spec.back_coeff)
+        recon.backward()
+        model.zero_grad(set_to_none=True)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a 1-CPU trial
+    try:
+        with trial_numerics():
+            flushed = timed(step, repeats=20)
+        ieee = timed(step, repeats=20)
+    finally:
+        torch.set_num_threads(threads)
+    return {"what": f"{env}: Vanilla CaDM forward + backward, {denormal_share:.0%} of the encoder's hidden "
+                    "weights denormal, flushed (trials) vs IEEE",
+            "ours_s": flushed, "baseline_s": ieee, "ratio": ieee / flushed, "target": 1.0}
+
+
 def mpc_decision_latency(env: str, device: str = "cpu") -> dict:
     """One MPC decision for one episode at paper planner settings with a paper-size PerSim ensemble."""
     import numpy as np
@@ -246,6 +283,7 @@ def model_benchmarks(quick: bool) -> list[dict]:
         planner_throughput_vs_matmul(5 * 1000 if not quick else 1000),
         cadm_step_chunked_vs_one_pass("mountaincar", 5000 if not quick else 1000),
         cadm_step_chunked_vs_one_pass("halfcheetah", 1000 if not quick else 200),
+        cadm_step_flushed_vs_denormal("halfcheetah", 0.2),
     ]
 
 

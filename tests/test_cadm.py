@@ -180,7 +180,7 @@ def test_every_epoch_reports_its_losses_and_iteration(valid_split):
 
 def test_a_trial_thread_computes_with_denormal_weights_flushed():
     """CaDM's weight decay drives dead units' weights denormal, and denormal operands make Intel's
-    matrix products 3-19x slower (docs/efficiency.md): a trial's thread flushes them to zero."""
+    matrix products 3-19x slower (docs/benchmarks.md): a trial's thread flushes them to zero."""
     import threading
 
     from persim_bench.orchestration.trials import denormals_flushed, prepare_compute_thread, trial_numerics

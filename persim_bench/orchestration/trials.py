@@ -219,8 +219,8 @@ def prepare_compute_thread(threads: int) -> None:
     """Set the calling thread up as every trial computes: ``threads`` torch threads, denormal floats flushed to zero.
 
     On Intel CPUs a matrix product runs 3x slower when 1 % of its operands are denormal and 19x
-    when 10 % are; CaDM's swish units produce them as training goes on (a HalfCheetah CaDM
-    epoch took 1.6x the one before it, then 2.4x: docs/efficiency.md). TensorFlow, which the
+    when 10 % are. CaDM's weight decay drives dead encoder units' weights denormal as training goes
+    on (HalfCheetah Vanilla CaDM epochs of 354, 583 and 862 s: docs/benchmarks.md). TensorFlow, which the
     CaDM authors' code runs on, flushes them by default; PyTorch does not. The flag lives in the
     thread's MXCSR register, so it is set in the thread that computes. Data generation and policy
     training keep IEEE denormals: their bytes stay as before.
