@@ -14,11 +14,12 @@ pytestmark = pytest.mark.integration  # benchmarks at their (quick) sizes take m
 
 def test_model_benchmarks_report_a_positive_time_and_ratio_per_row():
     rows = bench.model_benchmarks(quick=True)
-    assert len(rows) == 5
+    assert len(rows) == 6
     for row in rows:
         assert row["ours_s"] > 0 and row["baseline_s"] > 0 and math.isfinite(row["ratio"]) and row["ratio"] > 0
     table = bench.render(rows)
     assert table.count("\n") == len(rows) + 1 and "PE-TS CaDM planner step" in table
+    assert "denormal, flushed (trials) vs IEEE" in table
 
 
 def test_mpc_decision_latency_uses_a_paper_size_ensemble():
