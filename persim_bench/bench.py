@@ -7,6 +7,7 @@ not hidden.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import logging
 import tempfile
@@ -188,6 +189,19 @@ def planner_throughput_vs_matmul(rows: int) -> dict:
             "ours_s": seconds, "baseline_s": flops / limit, "ratio": achieved / limit, "target": 0.5}
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Time a block on one torch thread, as in a 1-CPU trial (Ray sets OMP_NUM_THREADS=1); the caller's count after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def cadm_step_chunked_vs_one_pass(env: str, rows: int) -> dict:
     """PE-TS CaDM at paper sizes (5 members, 20 particles): the planner's step (STEP_CHUNK rows per call,
     in-place swish) vs the same rows in one call with out-of-place swish, as the step first ran."""
@@ -210,12 +224,8 @@ def cadm_step_chunked_vs_one_pass(env: str, rows: int) -> dict:
             delta = model.sample_delta(obs.reshape(5, 4 * rows, -1), features, context)
             return obs + (model.delta_mean + model.delta_std * delta).reshape(obs.shape)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in a 1-CPU trial, where Ray sets OMP_NUM_THREADS=1
-    try:
+    with one_thread():
         chunked, whole = timed(lambda: model.step(obs, action, episode), repeats=5), timed(one_pass, repeats=5)
-    finally:
-        torch.set_num_threads(threads)
     return {"what": f"{env}: PE-TS CaDM planner step ({20 * rows:,} particle rows, 1 thread) chunked + in-place "
                     "vs one pass",
             "ours_s": chunked, "baseline_s": whole, "ratio": whole / chunked, "target": 1.1}
@@ -245,14 +255,10 @@ def cadm_step_flushed_vs_denormal(env: str, denormal_share: float) -> dict:
         recon.backward()
         model.zero_grad(set_to_none=True)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in a 1-CPU trial
-    try:
+    with one_thread():
         with trial_numerics():
             flushed = timed(step, repeats=20)
         ieee = timed(step, repeats=20)
-    finally:
-        torch.set_num_threads(threads)
     return {"what": f"{env}: Vanilla CaDM forward + backward, {denormal_share:.0%} of the encoder's hidden "
                     "weights denormal, flushed (trials) vs IEEE",
             "ours_s": flushed, "baseline_s": ieee, "ratio": ieee / flushed, "target": 1.0}
