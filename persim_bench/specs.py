@@ -113,6 +113,16 @@ class DataSpec(Strict):
     max_steps: dict[str, PositiveInt] = {}
     # Ray actors generating shards; None = one per CPU of the cluster.
     num_workers: PositiveInt | None = None
+    # Per env, how often the pure* regimes' logging policies themselves act at random (absent: never,
+    # the greedy policy). The paper is silent and the authors' data code unpublished; their DQN acts
+    # at epsilon 0.01 once loaded (`select_action`, as their test policy does here), their TD3 greedily.
+    logging_epsilon: dict[str, Annotated[float, Field(ge=0, le=1)]] = {}
+
+    @field_validator("logging_epsilon")
+    @classmethod
+    def _known_envs(cls, epsilons: dict[str, float]) -> dict[str, float]:
+        check_known("env", epsilons, ENVS)
+        return epsilons
 
     @field_validator("max_steps")
     @classmethod

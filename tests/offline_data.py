@@ -29,7 +29,7 @@ def noisy_controller_cartpole(monkeypatch, seed: int) -> Transitions:
     """10 CartPole agents x 200 steps of the heuristic balancer with 20 % random actions (a pure-eps-20 stand-in)."""
     family = get_env("cartpole")
     noisy_heuristic = EpsilonMixture(HeuristicController(family), family, 0.2)
-    monkeypatch.setattr(generate, "regime_policy", lambda family, regime, covariates, nets: noisy_heuristic)
+    monkeypatch.setattr(generate, "regime_policy", lambda family, regime, covariates, nets, logging_epsilon: noisy_heuristic)
     return recorded("cartpole", n_agents=10, steps=200, seed=seed, regime="pure-eps-20")
 
 

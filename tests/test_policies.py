@@ -10,6 +10,7 @@ import torch
 import persim_bench
 from persim_bench.config import GridError, load_grid
 from persim_bench.costmodel import policy_job_seconds
+from persim_bench.data.behaviour import random_action_prob, regime_policy
 from persim_bench.data.dataset import read_dataset
 from persim_bench.data.generate import dataset_plan, dataset_plans, generate_datasets
 from persim_bench.data.policies import (PolicyError, ProgressLines, _train_task, load_policy, logging_policy_paths,
@@ -259,6 +260,38 @@ def test_a_regimes_own_policies_are_scored_noisy_and_make_its_data(ray_cluster, 
     assert plans["pure-eps-40"].policy_paths == tuple(str(headers[f"logging-pure-eps-40-{i}"][0].path(root))
                                                       for i in range(5))
     assert plans["pure"].policy_paths == tuple(str(headers[f"logging-{i}"][0].path(root)) for i in range(5))
+
+
+def test_logging_epsilon_makes_the_logging_policies_act_at_random_and_keys_only_their_data(write_grid, tmp_path):
+    family = get_env("mountaincar")
+    torch.manual_seed(0)
+    nets = [PolicyNet(family.obs_dim, family.n_actions, [8], discrete=True) for _ in family.policy_agents]
+    covariates = family.agent_covariates(np.random.default_rng(0), 6000)
+    obs = family.batch(covariates).reset(np.random.default_rng(1))
+
+    def changed(regime, logging_epsilon):
+        """Share of actions that differ from the greedy pure policy's (a uniform random one differs 2/3 of the time)."""
+        act = regime_policy(family, regime, covariates, nets, logging_epsilon).act(obs, np.random.default_rng(2))
+        return np.mean(act != regime_policy(family, "pure", covariates, nets).act(obs, np.random.default_rng(2)))
+
+    assert changed("pure", 0.0) == 0
+    assert changed("pure", 0.3) == pytest.approx(0.3 * 2 / 3, abs=0.02)
+    assert changed("pure-eps-40", 0.3) == pytest.approx(random_action_prob("pure-eps-40", 0.3) * 2 / 3, abs=0.02)
+    assert random_action_prob("pure-eps-40", 0.3) == pytest.approx(0.4 + 0.6 * 0.3)
+    assert random_action_prob("random", 0.3) == 1.0 and random_action_prob("pure", 0.0) == 0.0
+
+    def plans(**data):
+        grid = load_grid(write_grid({**PURE, "regimes": ["pure", "random"], "data": {**PURE["data"], **data}}))
+        return {plan.regime: plan for plan in dataset_plans(grid, tmp_path)}
+
+    greedy, noisy = plans(), plans(logging_epsilon={"cartpole": 0.01})
+    assert noisy["pure"].logging_epsilon == 0.01 and noisy["random"].logging_epsilon == 0.0
+    assert noisy["pure"].fingerprint != greedy["pure"].fingerprint       # other data, another key
+    assert noisy["random"].fingerprint == greedy["random"].fingerprint   # random data do not change
+    assert "logging_epsilon" not in greedy["pure"].spec()                # keys made before the option stay
+    for bad, field in (({"atari": 0.1}, "atari"), ({"cartpole": 1.5}, "less than or equal to 1")):
+        with pytest.raises(GridError, match=f"data.logging_epsilon.*{field}"):
+            plans(logging_epsilon=bad)
 
 
 def test_target_rule_per_env_and_a_grid_extending_paper_changes_one_env(write_grid):

@@ -68,10 +68,19 @@ def prediction_policy(family: EnvFamily, seed: int = 0) -> BehaviourPolicy:
     return EpsilonMixture(HeuristicController(family, seed), family, 0.1)
 
 
-def regime_policy(family: EnvFamily, regime: str, covariates: np.ndarray, logging_nets: list) -> BehaviourPolicy:
+def random_action_prob(regime: str, logging_epsilon: float = 0.0) -> float:
+    """How often the regime's behaviour policy acts uniformly at random, its logging policies' own epsilon included."""
+    if regime not in REGIME_EPSILON:
+        return 1.0
+    return REGIME_EPSILON[regime] + (1 - REGIME_EPSILON[regime]) * logging_epsilon
+
+
+def regime_policy(family: EnvFamily, regime: str, covariates: np.ndarray, logging_nets: list,
+                  logging_epsilon: float = 0.0) -> BehaviourPolicy:
     """The behaviour policy of a regime for a block of agents with these covariates.
 
-    ``logging_nets`` are the trained policies of the env's policy-training agents (pure* regimes).
+    ``logging_nets`` are the trained policies of the env's policy-training agents (pure* regimes);
+    they act at random with probability ``logging_epsilon`` themselves (``data.logging_epsilon``).
     """
     if regime == "random":
         return RandomPolicy(family)
@@ -79,6 +88,8 @@ def regime_policy(family: EnvFamily, regime: str, covariates: np.ndarray, loggin
         if len(logging_nets) != len(family.policy_agents):
             raise ValueError(f"regime {regime!r} needs {len(family.policy_agents)} logging policies, got {len(logging_nets)}")
         pure = NearestAgentPolicy(family, logging_nets, covariates)
+        if logging_epsilon:
+            pure = EpsilonMixture(pure, family, logging_epsilon)
         epsilon = REGIME_EPSILON[regime]
         return EpsilonMixture(pure, family, epsilon) if epsilon else pure
     raise ValueError(f"unknown regime {regime!r}")

@@ -22,8 +22,8 @@ import pyarrow.parquet as pq
 import torch
 
 import persim_bench
-from persim_bench.specs import REGIME_EPSILON, REGIMES
-from persim_bench.data.behaviour import regime_policy
+from persim_bench.specs import REGIMES
+from persim_bench.data.behaviour import random_action_prob, regime_policy
 from persim_bench.data.policies import load_policy, logging_policy_paths, nearest_policy_agent
 from persim_bench.data.dataset import (
     LAYOUT, MANIFEST, SHARD_PATTERN, DatasetError, Transitions, dataset_dir, read_manifest, schema_metadata, sha256,
@@ -48,10 +48,17 @@ class DatasetPlan:
     agents_per_shard: int
     # Logging policy files of the pure* regimes, in policy-agent order; their names carry content keys.
     policy_paths: tuple[str, ...] = ()
+    logging_epsilon: float = 0.0  # the logging policies' own random-action probability (pure* regimes)
 
     def spec(self) -> dict:
-        """The determinants as the manifest records them (policy files by name: their keys are content hashes)."""
-        return {**self.__dict__, "policy_paths": [Path(p).name for p in self.policy_paths]}
+        """The determinants as the manifest records them (policy files by name: their keys are content hashes).
+
+        ``logging_epsilon`` enters only when not 0, so datasets made before it existed keep their fingerprint.
+        """
+        spec = {**self.__dict__, "policy_paths": [Path(p).name for p in self.policy_paths]}
+        if not self.logging_epsilon:
+            del spec["logging_epsilon"]
+        return spec
 
     @property
     def fingerprint(self) -> str:
@@ -87,9 +94,13 @@ def dataset_plan(grid: Grid, env: str, regime: str, policy_root: Path | None) ->
     """The plan of one env x regime dataset of the grid (``policy_root``: the pure* regimes' logging policies)."""
     if policy_root is None and regime != "random":
         raise ValueError("the pure* regimes need the logging policies: pass policy_root (see train_policies)")
-    paths = () if regime == "random" else tuple(map(str, logging_policy_paths(policy_root, grid, env, regime)))
+    if regime == "random":
+        paths, logging_epsilon = (), 0.0
+    else:
+        paths = tuple(map(str, logging_policy_paths(policy_root, grid, env, regime)))
+        logging_epsilon = grid.data.logging_epsilon.get(env, 0.0)
     return DatasetPlan(env, regime, grid.name, grid.seed, grid.data.n_agents, grid.data.episode_steps(env),
-                       grid.data.agents_per_shard, paths)
+                       grid.data.agents_per_shard, paths, logging_epsilon)
 
 
 def dataset_plans(grid: Grid, policy_root: Path | None) -> list[DatasetPlan]:
@@ -108,7 +119,8 @@ def record_shard(plan: DatasetPlan, shard: int) -> Transitions:
     agents = np.asarray(plan.shard_agents(shard))
     covariates = plan.covariates()[agents]
     rng = plan.rng(REGIMES.index(plan.regime) + 1, shard)
-    policy = regime_policy(family, plan.regime, covariates, [cached_policy(p) for p in plan.policy_paths])
+    policy = regime_policy(family, plan.regime, covariates, [cached_policy(p) for p in plan.policy_paths],
+                           plan.logging_epsilon)
     sim = family.batch(covariates)
     obs = sim.reset(rng)
     alive = np.ones(len(agents), dtype=bool)
@@ -229,7 +241,7 @@ def write_manifest(plan: DatasetPlan, root: Path, shards: dict[int, dict]) -> No
         "covariate_names": list(family.covariate_names),
         "covariates": plan.covariates().tolist(),
         "policy_agent": policy_agent,
-        "random_action_prob": REGIME_EPSILON.get(plan.regime, 1.0),
+        "random_action_prob": random_action_prob(plan.regime, plan.logging_epsilon),
         "rows": sum(f["rows"] for f in files),
         "files": files,
         "complete": complete,
