@@ -118,16 +118,14 @@ class DataSpec(Strict):
     # at epsilon 0.01 once loaded (`select_action`, as their test policy does here), their TD3 greedily.
     logging_epsilon: dict[str, Annotated[float, Field(ge=0, le=1)]] = {}
 
-    @field_validator("logging_epsilon")
+    @field_validator("max_steps", "logging_epsilon")
     @classmethod
-    def _known_envs(cls, epsilons: dict[str, float]) -> dict[str, float]:
-        check_known("env", epsilons, ENVS)
-        return epsilons
+    def _env_keys(cls, value):
+        return known_env_keys(value)
 
     @field_validator("max_steps")
     @classmethod
-    def _known_envs_within_horizon(cls, caps: dict[str, int]) -> dict[str, int]:
-        check_known("env", caps, ENVS)
+    def _within_horizon(cls, caps: dict[str, int]) -> dict[str, int]:
         for env, cap in caps.items():
             if cap > ENVS[env].horizon:
                 raise ValueError(f"{env}: {cap} exceeds the paper's horizon {ENVS[env].horizon}")
