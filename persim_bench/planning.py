@@ -3,7 +3,8 @@
 Several episodes are planned at once: rows are (member x episode x candidate), every horizon
 step is one ``model.step`` call plus the env's batched torch reward and termination. A
 candidate's score is its discounted return under each ensemble member, aggregated by the
-minimum over members (the paper) or the mean (the authors' final code).
+minimum over members (the paper) or the mean (the authors' final code); optionally each imagined
+step is charged for the members' disagreement about it (``disagreement_penalty``, beyond the paper).
 
 The planner runs on its model's device: candidates are drawn there, rollouts stay there, and a
 decision moves data across only twice (the observations in, the chosen actions out). Episodes
@@ -31,6 +32,15 @@ def model_device(model) -> torch.device:
     return torch.device(getattr(model, "device", "cpu"))
 
 
+def data_range(model, env: str) -> torch.Tensor:
+    """Per state dimension, the width of the model's training data (its data box; 1 where the data were constant)."""
+    low, high = getattr(model, "data_low", None), getattr(model, "data_high", None)
+    if low is None or not torch.isfinite(high - low).all():
+        raise ValueError(f"planner.disagreement_penalty on {env}: the model records no data range (data_low/data_high)")
+    width = (high - low).float()
+    return torch.where(width > 0, width, torch.ones_like(width))
+
+
 class MPCPlanner:
     """Random shooting (discrete actions) or CEM (continuous), replanned at every step.
 
@@ -48,6 +58,9 @@ class MPCPlanner:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())  # as tensors report it
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.penalty = per_env(spec.disagreement_penalty, family.name) if model.n_members > 1 else 0.0
+        if self.penalty:
+            self.disagreement_scale = data_range(model, family.name).to(self.device)
         # Per-episode state, one row per episode of ``self.episodes`` (their indices, as ``act`` got them).
         self.episodes: np.ndarray | None = None
         self.previous: torch.Tensor | None = None  # last plan per episode, for warm starts
@@ -167,6 +180,8 @@ class MPCPlanner:
             flat_action = action.repeat(m, *([1] * (action.dim() - 1)))
             flat = (state.reshape(m * rows, -1), flat_action, next_state.reshape(m * rows, -1))
             reward = family.reward(*flat).view(m, rows)
+            if self.penalty:
+                reward = reward - self.penalty * (next_state.std(dim=0) / self.disagreement_scale).mean(dim=-1)
             total += discount * reward * alive
             if family.shaping_weight:
                 furthest = torch.maximum(furthest, torch.where(alive, family.shaping_value(next_state), furthest))

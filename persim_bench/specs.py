@@ -138,7 +138,7 @@ class DataSpec(Strict):
 class PlannerSpec(Strict):
     """The one MPC planner (paper Sec. 5, App. D.1): random shooting for discrete actions, CEM for continuous."""
 
-    per_env_fields: ClassVar[tuple[str, ...]] = ("horizon", "candidates")
+    per_env_fields: ClassVar[tuple[str, ...]] = ("horizon", "candidates", "disagreement_penalty")
     horizon: PositiveInt | dict[str, PositiveInt] = {"mountaincar": 50, "cartpole": 30, "halfcheetah": 30}
     candidates: PositiveInt | dict[str, PositiveInt] = {"mountaincar": 1000, "cartpole": 1000, "halfcheetah": 200}
     # Paper: gamma 0.93 and the pessimistic minimum over ensemble members; authors' final code: 1.0 and mean.
@@ -151,6 +151,16 @@ class PlannerSpec(Strict):
     init_std: Annotated[float, Field(gt=0)] = 0.5
     # Largest members x episodes x candidates batch scored in one tensor op (memory bound).
     max_rows: PositiveInt = 100_000
+    # Beyond the paper (0: off): every imagined step costs this weight x the members' disagreement about
+    # the next state (std over members per state dimension, in units of the model's data range, averaged
+    # over dimensions), a pessimism that keeps plans where the data are (as MOPO's penalty does in
+    # offline RL). Not a fix for MountainCar pure (docs/reproduction.md).
+    disagreement_penalty: Annotated[float, Field(ge=0)] | dict[str, Annotated[float, Field(ge=0)]] = 0.0
+
+    @field_validator("horizon", "candidates", "disagreement_penalty")
+    @classmethod
+    def _env_keys(cls, value):
+        return known_env_keys(value)
 
     @model_validator(mode="after")
     def _elites_fit(self) -> "PlannerSpec":

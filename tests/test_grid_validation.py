@@ -124,6 +124,10 @@ CASES = [
     # unions: the error of the alternative that fits the value, without pydantic's type tags
     ("horizon-env-zero", {"planner": {"horizon": {"mountaincar": 5, "cartpole": 0, "halfcheetah": 5}}},
      "planner.horizon.cartpole", "Input should be greater than 0"),
+    ("penalty-negative", {"planner": {"disagreement_penalty": -1}}, "planner.disagreement_penalty",
+     "Input should be greater than or equal to 0"),
+    ("penalty-unknown-env", {"planner": {"disagreement_penalty": {"atari": 1.0}}}, "planner.disagreement_penalty",
+     "unknown env 'atari'"),
     ("algo-without-env", {"envs": ["cartpole"], "algos": ["iql_p"]}, "algos", "iql_p supports continuous actions only"),
 ]
 

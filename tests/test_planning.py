@@ -71,6 +71,34 @@ def test_members_are_aggregated_by_min_or_mean(aggregate, expected_best):
     assert int(scores.argmax()) == expected_best
 
 
+class _BoxedLookup(_Lookup):
+    """``_Lookup`` with the data range a fitted model records (position and velocity widths 1)."""
+
+    data_low, data_high = torch.tensor([-1.0, -0.5]), torch.tensor([0.0, 0.5])
+
+
+@pytest.mark.parametrize("penalty, expected_best", [(0.0, 1), (1.0, 0)])
+def test_disagreement_penalty_prefers_the_plan_the_members_agree_on(penalty, expected_best):
+    # Action 1 moves further under both members (min 0.2 against 0.1) but they disagree by 0.1 about
+    # where; action 0 moves both by 0.1. The bonus gap (0.01 x 0.1) is far below the penalty's
+    # (std 0.071 over a width of 1, averaged with the velocity's 0: 0.035 per unit of weight).
+    family = get_env("mountaincar")
+    model = _BoxedLookup([[0.1, 0.3, 0.0], [0.1, 0.2, 0.0]])
+    planner = MPCPlanner(family, model, PlannerSpec(disagreement_penalty=penalty, elites=2, candidates=2), seed=0)
+    scores = planner.score(torch.tensor([[-0.5, 0.0]]), torch.tensor([0]), torch.tensor([0, 1]).reshape(1, 2, 1))[0]
+    assert int(scores.argmax()) == expected_best  # candidate k plans action k
+    spread = torch.tensor([0.3, 0.2]).std() / 2  # the candidate's disagreement in units of the data range
+    assert float(scores[0] - scores[1]) == pytest.approx(0.01 * -0.1 + penalty * float(spread), abs=1e-6)
+
+
+def test_disagreement_penalty_needs_a_data_range_and_skips_a_single_model():
+    family = get_env("mountaincar")
+    with pytest.raises(ValueError, match="disagreement_penalty on mountaincar: the model records no data range"):
+        MPCPlanner(family, _Lookup([[0.1], [0.2]]), PlannerSpec(disagreement_penalty=1.0, elites=2, candidates=2), seed=0)
+    true_env = TrueEnvModel(family, np.asarray(family.test_agents))  # one member: nothing to disagree about
+    assert MPCPlanner(family, true_env, PlannerSpec(disagreement_penalty={"mountaincar": 1.0}), seed=0).penalty == 0.0
+
+
 def test_the_planning_bonus_counts_the_start_position():
     # The bonus is the furthest x of the imagined trajectory, its start included (authors' code):
     # plans that only fall back from the start earn the start's x, however far they fall, so the
