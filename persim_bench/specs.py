@@ -233,7 +233,8 @@ class PolicySpec(Strict):
     # other pure* regimes share the policies chosen greedily against target_return. The paper
     # adds the noise to the pure policies; paper.yaml uses this only where that cannot reach
     # Table 8 (CartPole pure-eps-40: our policies recover from random actions better than the
-    # paper's; docs/policies.md "Logging policies at the paper's data quality").
+    # paper's; HalfCheetah pure-eps-40: worse; docs/policies.md "Logging policies at the paper's
+    # data quality").
     regime_targets: dict[str, dict[str, float]] = {}
     # A logging policy whose whole budget ends without a checkpoint reaching its target is trained
     # again from a new seed derived from its own, up to this many more times per env; the first run
