@@ -27,7 +27,7 @@ from persim_bench.data.policies import load_policy
 from persim_bench.data.subsets import subset_agents, take_subset
 from persim_bench.envs import get_env
 from persim_bench.envs.base import EnvFamily
-from persim_bench.planning import MPCPlanner, model_device
+from persim_bench.planning import MPCPlanner, data_box, model_device
 
 if TYPE_CHECKING:
     from persim_bench.specs import EvaluationSpec, PlannerSpec
@@ -211,10 +211,11 @@ def as_simulator(model: DynamicsModel, family: EnvFamily, spec: "EvaluationSpec"
     high = torch.full((family.obs_dim,), math.inf)
     if spec.clip_to_state_box and family.state_low is not None:
         low, high = torch.tensor(family.state_low), torch.tensor(family.state_high)
-    data_low, data_high = getattr(model, "data_low", None), getattr(model, "data_high", None)
-    if spec.clip_to_data_box and data_low is not None and torch.isfinite(data_low).all():
-        margin = spec.data_box_margin * (data_high - data_low).cpu()
-        low, high = torch.maximum(low, data_low.cpu() - margin), torch.minimum(high, data_high.cpu() + margin)
+    box = data_box(model)
+    if spec.clip_to_data_box and box is not None:
+        data_low, data_high = box[0].cpu(), box[1].cpu()
+        margin = spec.data_box_margin * (data_high - data_low)
+        low, high = torch.maximum(low, data_low - margin), torch.minimum(high, data_high + margin)
     if torch.isinf(low).all() and torch.isinf(high).all():
         return model
     return WithinBox(model, low.float(), high.float())

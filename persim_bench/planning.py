@@ -32,12 +32,21 @@ def model_device(model) -> torch.device:
     return torch.device(getattr(model, "device", "cpu"))
 
 
-def data_range(model, env: str) -> torch.Tensor:
-    """Per state dimension, the width of the model's training data (its data box; 1 where the data were constant)."""
+def data_box(model) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The per-dimension (low, high) of the states a learned model was fitted on (``data_low``/``data_high``,
+    also through a wrapper), or None for a model that records none or was never fitted."""
     low, high = getattr(model, "data_low", None), getattr(model, "data_high", None)
     if low is None or not torch.isfinite(high - low).all():
+        return None
+    return low, high
+
+
+def data_range(model, env: str) -> torch.Tensor:
+    """Per state dimension, the width of the model's training data (its data box; 1 where the data were constant)."""
+    box = data_box(model)
+    if box is None:
         raise ValueError(f"planner.disagreement_penalty on {env}: the model records no data range (data_low/data_high)")
-    width = (high - low).float()
+    width = (box[1] - box[0]).float()
     return torch.where(width > 0, width, torch.ones_like(width))
 
 
