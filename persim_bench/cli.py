@@ -154,8 +154,10 @@ def cmd_evaluate(args) -> None:
     uri = tracking_uri(args, results)
     check_tracking_store(uri)
     run_id, metrics = evaluate_run(args.run, results, uri, episodes=args.episodes, agents=args.agents,
-                                   prediction_policy=args.prediction_policy, data_box=args.data_box)
-    shown = {k: v for k, v in sorted(metrics.items()) if k.startswith(("reward_agent", "rmse_agent", "r2_agent"))}
+                                   prediction_policy=args.prediction_policy, data_box=args.data_box,
+                                   plan_ranking=args.plan_ranking)
+    shown = {k: v for k, v in sorted(metrics.items())
+             if k.startswith(("reward_agent", "rmse_agent", "r2_agent", "plan_rank_agent", "plan_regret_agent"))}
     print("\n".join(f"{key:>16}  {value:.4g}" for key, value in shown.items()))
     print(f"evaluation of run {args.run} recorded as MLflow run {run_id}")
 
@@ -276,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-data-box", dest="data_box", action="store_const", const=False,
                           help="hold no prediction to the model's training-data box (evaluation.clip_to_data_box: "
                                "false, the paper's behaviour)")
+    evaluate.add_argument("--plan-ranking", type=int, metavar="STATES",
+                          help="also score how well the model ranks the planner's candidate plans from this many real "
+                               "states per test agent (evaluation.plan_ranking; beyond the paper)")
     evaluate.add_argument("--results", default="results",
                           help="results folder holding the policies for the prediction test (default: ./results)")
     evaluate.add_argument("--mlflow-uri", help=MLFLOW_URI_HELP)

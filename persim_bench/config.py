@@ -216,6 +216,16 @@ def load_grid(name_or_path: str | Path) -> Grid:
         raise GridError(_one_line(f"{path}: {_validation_message(err)}")) from None
 
 
+def with_evaluation(grid: Grid, overrides: dict, source: str) -> Grid:
+    """The grid with these ``evaluation`` settings replaced, validated as a grid file is; errors name ``source``."""
+    raw = grid.model_dump()
+    raw["evaluation"] = {**raw["evaluation"], **overrides}
+    try:
+        return Grid.model_validate(raw)
+    except ValidationError as err:
+        raise GridError(_one_line(f"{source}: {_validation_message(err)}")) from None
+
+
 # Where a field may take one of several types (``int | dict[str, int]``), pydantic reports an error per
 # type and adds the type's tag to the error's place: "planner.horizon.constrained-int". Tags are not fields.
 _UNION_TAG = re.compile(r".*\[.*|(constrained-)?(int|float|str|bool|none|list|dict)")

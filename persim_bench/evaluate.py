@@ -27,7 +27,7 @@ from persim_bench.data.policies import load_policy
 from persim_bench.data.subsets import subset_agents, take_subset
 from persim_bench.envs import get_env
 from persim_bench.envs.base import EnvFamily
-from persim_bench.planning import MPCPlanner, data_box, model_device
+from persim_bench.planning import MPCPlanner, TrueEnvModel, data_box, model_device
 
 if TYPE_CHECKING:
     from persim_bench.specs import EvaluationSpec, PlannerSpec
@@ -102,6 +102,59 @@ def prediction_error(model: DynamicsModel, family: EnvFamily, covariates: np.nda
         metrics[f"r2_agent{a}"] = float(np.median(r2[usable])) if usable.any() else float("nan")
         metrics[f"pred_trajectories_agent{a}"] = int(usable.sum())
     metrics["rmse_mean"] = float(np.nanmean([metrics[f"rmse_agent{a}"] for a in agents]))
+    return metrics
+
+
+def plan_ranking(model: DynamicsModel, family: EnvFamily, covariates: np.ndarray, agents: list[int],
+                 policy: BehaviourPolicy, planner_spec: "PlannerSpec", per_agent: int, steps: int, burn_in: int,
+                 seed: int) -> dict:
+    """Per test agent: how well the model ranks the plans the planner draws first (beyond the paper).
+
+    A planner is only as good as the order its model puts candidate plans in. From real states the
+    test policy visits (``per_agent`` trajectories per agent, trajectory j cut at step burn_in +
+    j * steps / per_agent), the planner's first sample of candidates is scored by the model and by
+    the agents' true dynamics, each with the planner's own score (discounted return, members
+    aggregated). ``plan_rank_agent{a}``: the mean Spearman correlation of the two scores over the
+    states; ``plan_regret_agent{a}``: how far the true score of the model's pick falls below the
+    best candidate's, as a share of how far a blind pick's (the mean candidate's) falls (0: the
+    model picks the best plan, 1: no better than chance). States whose candidates all score alike
+    in truth rank nothing and are skipped.
+    """
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(seed)
+    obs, actions, alive, agent = record_test_trajectories(family, covariates, agents, policy, per_agent,
+                                                          burn_in + steps, rng)
+    device = model_device(model)
+    planner = MPCPlanner(family, model, planner_spec, seed)
+    truth = MPCPlanner(family, TrueEnvModel(family, covariates), planner_spec, seed)
+    found: dict[int, list[tuple[float, float, float]]] = {a: [] for a in agents}
+    for j in range(per_agent):
+        t = burn_in + j * steps // per_agent
+        rows = np.flatnonzero((np.arange(len(agent)) % per_agent == j) & alive[:, t])
+        if not len(rows):
+            continue
+        key = agent[rows]
+        if isinstance(model, ContextualModel):  # context from each episode's real steps so far
+            model.condition(torch.as_tensor(obs[rows, :t + 1], device=device),
+                            torch.as_tensor(actions[rows, :t], device=device))
+            key = np.arange(len(rows))
+        start = torch.as_tensor(obs[rows, t], dtype=torch.float32, device=device)
+        plans = planner.first_candidates(len(rows))
+        with torch.no_grad():
+            predicted = planner.score(start, torch.as_tensor(key, device=device), plans).cpu().numpy()
+            true = truth.score(start.cpu(), torch.as_tensor(agent[rows]), plans.cpu()).numpy()
+        for a, mine, real in zip(agent[rows], predicted, true):
+            if np.ptp(real) > 0:
+                rho = spearmanr(mine, real).statistic if np.ptp(mine) > 0 else np.nan  # a model that ranks nothing
+                found[a].append((rho, real.max() - real[np.argmax(mine)], real.max() - real.mean()))
+    metrics = {}
+    for a in agents:
+        rho, regret, blind = np.array(found[a]).T if found[a] else np.full((3, 1), np.nan)
+        metrics[f"plan_rank_agent{a}"] = float(np.nanmean(rho)) if np.isfinite(rho).any() else float("nan")
+        metrics[f"plan_regret_agent{a}"] = float(regret.sum() / blind.sum())
+    ranks = np.array([metrics[f"plan_rank_agent{a}"] for a in agents])
+    metrics["plan_rank_mean"] = float(np.nanmean(ranks)) if np.isfinite(ranks).any() else float("nan")
     return metrics
 
 
@@ -312,6 +365,11 @@ def evaluate_model(model: DynamicsModel, trial: Trial, ctx: TrialContext,
         policy, policy_name = test_actions_policy(ctx, family, trial.seed)
         metrics = prediction_error(counted, family, test_covariates(family), spec.test_agents, policy,
                                    spec.prediction_trajectories, spec.prediction_steps, spec.burn_in, trial.seed)
+    if spec.plan_ranking:  # beyond the paper: off unless asked
+        with timed(costs, "ranking"):
+            metrics |= plan_ranking(counted.model, family, test_covariates(family), spec.test_agents, policy,
+                                    planner or ctx.planner, spec.plan_ranking, spec.prediction_steps,
+                                    spec.burn_in, trial.seed)
     output = TrialOutput({**metrics, "prediction_policy": policy_name}, costs)
     if spec.rewards:  # else prediction only (``evaluation.rewards: false``)
         output = output | _planned_rewards(counted, trial, ctx, planner)

@@ -50,6 +50,25 @@ def data_range(model, env: str) -> torch.Tensor:
     return torch.where(width > 0, width, torch.ones_like(width))
 
 
+class TrueEnvModel:
+    """The env's own dynamics as a one-member ``DynamicsModel`` over the dataset's agents.
+
+    It computes on the CPU (HalfCheetah's true dynamics are MuJoCo), so the planner runs it there;
+    inputs from another device are stepped on the CPU and returned to their device.
+    """
+
+    n_members = 1
+    device = torch.device("cpu")
+
+    def __init__(self, family: EnvFamily, covariates: np.ndarray):
+        self.dynamics = family.true_dynamics(covariates)
+
+    def step(self, obs: torch.Tensor, action: torch.Tensor, agent: torch.Tensor) -> torch.Tensor:
+        if obs.device.type != "cpu":
+            return self.step(obs.cpu(), action.cpu(), agent.cpu()).to(obs.device)
+        return self.dynamics(obs[0], action, agent)[None]
+
+
 class MPCPlanner:
     """Random shooting (discrete actions) or CEM (continuous), replanned at every step.
 
@@ -145,8 +164,8 @@ class MPCPlanner:
 
     def _shoot(self, obs, agent, previous):
         """Random shooting; candidate 0 is last step's best plan shifted by one (authors' warm start)."""
-        e, k, h = len(obs), self.candidates, self.horizon
-        actions = torch.randint(0, self.family.n_actions, (e, k, h), generator=self.generator, device=self.device)
+        e = len(obs)
+        actions = self.first_candidates(e)
         if previous is not None:
             actions[:, 0, :-1] = previous[:, 1:]
         best = self.score(obs, agent, actions).argmax(dim=1)
@@ -154,7 +173,7 @@ class MPCPlanner:
 
     def _cem(self, obs, agent, previous):
         """Cross-entropy method over action sequences in [-1, 1], warm-started from the shifted last mean."""
-        e, k, h, a = len(obs), self.candidates, self.horizon, self.family.action_dim
+        e, h, a = len(obs), self.horizon, self.family.action_dim
         mean = torch.zeros(e, h, a, device=self.device)
         if previous is not None:
             mean[:, :-1] = previous[:, 1:]
@@ -162,13 +181,28 @@ class MPCPlanner:
         alpha = self.spec.smoothing
         rows = torch.arange(e, device=self.device)[:, None]
         for _ in range(self.spec.iterations + 1):
-            noise = torch.randn((e, k, h, a), generator=self.generator, device=self.device)
-            actions = (mean[:, None] + std[:, None] * noise).clamp(-1.0, 1.0)
+            actions = self._gaussian_plans(mean, std)
             elite_index = self.score(obs, agent, actions).topk(self.spec.elites, dim=1).indices
             elites = actions[rows, elite_index]
             mean = alpha * mean + (1 - alpha) * elites.mean(dim=1)
             std = alpha * std + (1 - alpha) * elites.std(dim=1)
         return mean
+
+    def first_candidates(self, episodes: int) -> torch.Tensor:
+        """The plans the planner scores first for each of ``episodes`` states, before any warm start or
+        refinement: [E, K, H] uniform discrete actions (random shooting) or [E, K, H, A] draws from
+        N(0, init_std) clipped to [-1, 1] (CEM's first sample)."""
+        e, k, h = episodes, self.candidates, self.horizon
+        if self.family.discrete:
+            return torch.randint(0, self.family.n_actions, (e, k, h), generator=self.generator, device=self.device)
+        mean = torch.zeros(e, h, self.family.action_dim, device=self.device)
+        return self._gaussian_plans(mean, torch.full_like(mean, self.spec.init_std))
+
+    def _gaussian_plans(self, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """K plans per row around mean [E, H, A] with spread std, clipped to the action box."""
+        noise = torch.randn((*mean.shape[:1], self.candidates, *mean.shape[1:]), generator=self.generator,
+                            device=self.device)
+        return (mean[:, None] + std[:, None] * noise).clamp(-1.0, 1.0)
 
     def score(self, obs: torch.Tensor, agent: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Aggregated discounted return of every candidate: obs [E, D], actions [E, K, H(, A)] -> [E, K]."""

@@ -319,6 +319,11 @@ class EvaluationSpec(Strict):
     # Score rewards too (MPC episodes); false: the prediction test only (paper Tables 4 and 11),
     # which needs no planning and so runs at paper data sizes on a CPU.
     rewards: bool = True
+    # Beyond the paper: from this many real states per test agent (0: off), score how well a learned
+    # model ranks the planner's first candidate plans against the true dynamics (metrics
+    # plan_rank_agent{a}, plan_regret_agent{a}): a proxy for the reward phase that costs seconds where
+    # a HalfCheetah episode costs half an hour on a CPU (docs/halfcheetah.md).
+    plan_ranking: Annotated[int, Field(ge=0)] = 0
 
     def episode_steps(self, env: str) -> int:
         return self.max_steps.get(env, ENVS[env].horizon)

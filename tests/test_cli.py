@@ -20,6 +20,7 @@ import pytest
 
 import persim_bench
 from persim_bench import cli
+from persim_bench.errors import GridError
 from persim_bench.orchestration import reporting
 
 # A grid that needs no policy (random regime, no prediction test) and generates in seconds.
@@ -420,3 +421,16 @@ def test_evaluate_asking_for_episodes_scores_rewards_of_a_prediction_only_model(
     args = cli.parse_args(["evaluate", "--run", "abc", "--no-data-box", "--prediction-policy", "trained"])
     assert (args.data_box, args.prediction_policy) == (False, "trained")
     assert cli.parse_args(["evaluate", "--run", "abc"]).data_box is None      # the grid's setting stays
+    assert evaluation_overrides(None, None, plan_ranking=4) == {"plan_ranking": 4}
+    assert cli.parse_args(["evaluate", "--run", "abc", "--plan-ranking", "4"]).plan_ranking == 4
+
+
+def test_evaluate_overrides_are_validated_as_grid_fields():
+    from persim_bench.config import load_grid, with_evaluation
+
+    grid = load_grid("smoke")
+    assert with_evaluation(grid, {"plan_ranking": 3}, "evaluate --run x").evaluation.plan_ranking == 3
+    for bad, field in (({"plan_ranking": -1}, "evaluation.plan_ranking"), ({"reward_episodes": 0}, "evaluation.reward_episodes"),
+                       ({"test_agents": [7]}, "evaluation.test_agents.0")):
+        with pytest.raises(GridError, match=f"evaluate --run x: {field}: "):
+            with_evaluation(grid, bad, "evaluate --run x")

@@ -7,7 +7,7 @@ from persim_bench.algos.true_env import TrueEnvModel
 from persim_bench.specs import EvaluationSpec, PlannerSpec
 from persim_bench.data.behaviour import RandomPolicy, prediction_policy
 from persim_bench.envs import get_env
-from persim_bench.evaluate import as_simulator, episode_rewards, open_loop, prediction_error
+from persim_bench.evaluate import as_simulator, episode_rewards, open_loop, plan_ranking, prediction_error
 from persim_bench.planning import MPCPlanner
 
 
@@ -122,6 +122,38 @@ def test_prediction_error_of_the_true_model_is_zero_and_of_a_wrong_agent_is_not(
     wrong = prediction_error(TrueEnvModel(family, swapped), family, covariates, [0, 4], policy, 6, 30, 5, seed=1)
     assert wrong["rmse_agent0"] > 1e-2 and wrong["r2_agent0"] < exact["r2_agent0"]
     assert exact["pred_trajectories_agent0"] == 6
+
+
+@pytest.mark.parametrize("env", ["mountaincar", "halfcheetah"])
+def test_plan_ranking_of_the_true_model_is_perfect_and_of_a_wrong_agent_is_not(env):
+    family = get_env(env)
+    covariates = np.asarray(family.test_agents)
+    spec = PlannerSpec(horizon=30, candidates=30, elites=5)
+    policy = prediction_policy(family)
+    exact = plan_ranking(TrueEnvModel(family, covariates), family, covariates, [0, 4], policy, spec, 3, 20, 5, seed=0)
+    for a in (0, 4):
+        assert exact[f"plan_rank_agent{a}"] == pytest.approx(1.0) and exact[f"plan_regret_agent{a}"] == 0.0
+    # agent 0 (MountainCar: gravity 0.0001; HalfCheetah: mass 0.3, damping 1.7) planned as agent 4 (0.0035; 1.0 / 1.0)
+    swapped = covariates[[4, 1, 2, 3, 0]]
+    wrong = plan_ranking(TrueEnvModel(family, swapped), family, covariates, [0, 4], policy, spec, 3, 20, 5, seed=0)
+    assert wrong["plan_rank_agent0"] < 0.9 and wrong["plan_regret_agent0"] > 0.2
+
+
+def test_plan_ranking_is_blind_for_a_model_that_cannot_tell_plans_apart():
+    """A MountainCar model in which the car never moves scores every plan alike (-1 a step, the start's
+    height): it ranks nothing, and its pick (the first plan) is on average as far from the best as the mean plan."""
+    family = get_env("mountaincar")
+    covariates = np.asarray(family.test_agents)
+
+    class Frozen:
+        n_members = 1
+
+        def step(self, obs, action, agent):
+            return obs.clone()
+
+    spec = PlannerSpec(horizon=30, candidates=30, elites=5)
+    blind = plan_ranking(Frozen(), family, covariates, [1], prediction_policy(family), spec, 6, 30, 5, seed=0)
+    assert np.isnan(blind["plan_rank_agent1"]) and 0.5 < blind["plan_regret_agent1"] < 2.0
 
 
 class _Runaway:

@@ -106,9 +106,13 @@ def test_a_model_fitted_under_the_heuristic_is_scored_with_the_trained_test_poli
 def test_the_evaluate_command_prints_and_records(finished, capsys):
     results, client, experiment, runs, _ = finished
     original = runs["persim-cartpole-random-r2-s0"].info.run_id
-    cli.main(["evaluate", "--run", original, "--results", str(results), "--episodes", "1", "--agents", "0"])
+    cli.main(["evaluate", "--run", original, "--results", str(results), "--episodes", "1", "--agents", "0",
+              "--plan-ranking", "2"])
     out = capsys.readouterr().out
     assert "reward_agent0" in out and f"evaluation of run {original} recorded as MLflow run" in out
+    assert "plan_rank_agent0" in out and "plan_regret_agent0" in out
+    with pytest.raises(SystemExit, match="evaluation.plan_ranking: Input should be greater than or equal to 0"):
+        cli.main(["evaluate", "--run", original, "--results", str(results), "--plan-ranking", "-1"])
     with pytest.raises(SystemExit, match="persim-bench: no MLflow run 'nope'"):
         cli.main(["evaluate", "--run", "nope", "--results", str(results)])
     with pytest.raises(SystemExit, match="saves no model that `evaluate` can reload"):

@@ -3,36 +3,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-
 from persim_bench.contracts import Algorithm, Trial, TrialContext, TrialOutput
 from persim_bench.costmodel import Dynamics, mpc_reward_seconds
 from persim_bench.envs import get_env
-from persim_bench.envs.base import EnvFamily
 from persim_bench.evaluate import plan_and_score, test_covariates
+from persim_bench.planning import TrueEnvModel
 
 if TYPE_CHECKING:
     from persim_bench.config import Grid
-
-
-class TrueEnvModel:
-    """The env's own dynamics as a one-member ``DynamicsModel`` over the dataset's agents.
-
-    It computes on the CPU (HalfCheetah's true dynamics are MuJoCo), so the planner runs it there;
-    inputs from another device are stepped on the CPU and returned to their device.
-    """
-
-    n_members = 1
-    device = torch.device("cpu")
-
-    def __init__(self, family: EnvFamily, covariates: np.ndarray):
-        self.dynamics = family.true_dynamics(covariates)
-
-    def step(self, obs: torch.Tensor, action: torch.Tensor, agent: torch.Tensor) -> torch.Tensor:
-        if obs.device.type != "cpu":
-            return self.step(obs.cpu(), action.cpu(), agent.cpu()).to(obs.device)
-        return self.dynamics(obs[0], action, agent)[None]
 
 
 def run_true_env_mpc(trial: Trial, spec: None, ctx: TrialContext) -> TrialOutput:

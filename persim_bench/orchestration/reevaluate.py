@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from persim_bench.algos.registry import ALGORITHMS
-from persim_bench.config import Grid
+from persim_bench.config import Grid, with_evaluation
 from persim_bench.data.dataset import data_root, policy_root
 from persim_bench.errors import TrackingError
 from persim_bench.orchestration.provenance import provenance_tags
@@ -23,14 +23,16 @@ from persim_bench.orchestration.trials import algorithm_spec, trial_context, tri
 
 
 def evaluation_overrides(episodes: int | None, agents: list[int] | None, prediction_policy: str | None = None,
-                         data_box: bool | None = None) -> dict:
+                         data_box: bool | None = None, plan_ranking: int | None = None) -> dict:
     """The grid's evaluation settings the user replaces. Asking for episodes scores rewards, also with
     the model of a prediction-only grid (``evaluation.rewards: false``, e.g. trained at paper size on a CPU).
     ``prediction_policy: trained`` scores a model fitted before the test policy existed (its grid
     said ``heuristic``) with the paper's test policy, once that policy is in the results folder.
-    ``data_box: False`` scores the same model without the data box, as the paper did."""
+    ``data_box: False`` scores the same model without the data box, as the paper did. ``plan_ranking``:
+    states per test agent of the candidate-ranking test (``evaluation.plan_ranking``)."""
     overrides = {k: v for k, v in (("reward_episodes", episodes), ("test_agents", agents),
-                                   ("prediction_policy", prediction_policy), ("clip_to_data_box", data_box))
+                                   ("prediction_policy", prediction_policy), ("clip_to_data_box", data_box),
+                                   ("plan_ranking", plan_ranking))
                  if v is not None}
     if episodes is not None:
         overrides["rewards"] = True
@@ -39,7 +41,7 @@ def evaluation_overrides(episodes: int | None, agents: list[int] | None, predict
 
 def evaluate_run(run_id: str, results: Path, tracking_uri: str, episodes: int | None = None,
                  agents: list[int] | None = None, prediction_policy: str | None = None,
-                 data_box: bool | None = None) -> tuple[str, dict]:
+                 data_box: bool | None = None, plan_ranking: int | None = None) -> tuple[str, dict]:
     """Evaluate the saved model of MLflow run ``run_id`` again; returns (the new run's id, its metrics)."""
     import mlflow
     from mlflow.entities import Metric
@@ -68,8 +70,8 @@ def evaluate_run(run_id: str, results: Path, tracking_uri: str, episodes: int | 
                                                         artifact_path=GRID_ARTIFACT, dst_path=str(scratch),
                                                         tracking_uri=tracking_uri)
         grid = Grid.model_validate(yaml.safe_load(Path(grid_file).read_text()))
-        overrides = evaluation_overrides(episodes, agents, prediction_policy, data_box)
-        grid = grid.model_copy(update={"evaluation": grid.evaluation.model_copy(update=overrides)})
+        overrides = evaluation_overrides(episodes, agents, prediction_policy, data_box, plan_ranking)
+        grid = with_evaluation(grid, overrides, f"evaluate --run {run_id}")
         model_dir = mlflow.artifacts.download_artifacts(artifact_uri=saved.artifact_location,
                                                         dst_path=str(scratch / "model"), tracking_uri=tracking_uri)
         model = algo.reload(Path(model_dir), "cpu")
