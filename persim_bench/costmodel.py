@@ -165,10 +165,20 @@ def prediction_seconds(grid: Grid, env: str, model: Dynamics, rate: float) -> fl
 
 
 def evaluation_seconds(grid: Grid, env: str, model: Dynamics, rate: float) -> float:
-    """A learned model's shared evaluation (``evaluate.evaluate_model``): the prediction test, and the MPC
-    reward episodes unless the grid is prediction-only (``evaluation.rewards: false``)."""
+    """A learned model's shared evaluation (``evaluate.evaluate_model``): the prediction test, the
+    candidate-ranking test if asked (``evaluation.plan_ranking``), and the MPC reward episodes unless the
+    grid is prediction-only (``evaluation.rewards: false``)."""
     reward = mpc_reward_seconds(grid, env, model, rate) if grid.evaluation.rewards else 0.0
-    return prediction_seconds(grid, env, model, rate) + reward
+    return prediction_seconds(grid, env, model, rate) + ranking_seconds(grid, env, model, rate) + reward
+
+
+def ranking_seconds(grid: Grid, env: str, model: Dynamics, rate: float) -> float:
+    """``evaluate.plan_ranking``: per batch of states (one per test agent), the planner's first candidates
+    scored once by the model and once by the true dynamics."""
+    spec, planner = grid.evaluation, grid.planner
+    rows = len(spec.test_agents) * per_env(planner.candidates, env)
+    step = model.step_seconds(rows, rate) + Dynamics(env).step_seconds(rows, rate)
+    return spec.plan_ranking * per_env(planner.horizon, env) * step
 
 
 def mpc_reward_seconds(grid: Grid, env: str, model: Dynamics, rate: float, planner: PlannerSpec | None = None) -> float:

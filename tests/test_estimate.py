@@ -54,6 +54,17 @@ def test_doubling_persim_epochs_doubles_its_fit():
         assert after["main"].by_algo[algo] == before["main"].by_algo[algo]
 
 
+def test_the_ranking_test_is_priced_for_the_learned_models_only():
+    from persim_bench.config import with_evaluation
+
+    grid = load_grid("smoke")
+    before, after = stages(grid), stages(with_evaluation(grid, {"plan_ranking": 8}, "test"))
+    for algo in ("persim", "cadm_vanilla"):
+        assert after["main"].by_algo[algo] > before["main"].by_algo[algo]
+    for algo in ("bcq_p", "true_env_mpc"):
+        assert after["main"].by_algo[algo] == before["main"].by_algo[algo]
+
+
 def test_seeds_scale_main_linearly():
     grid = load_grid("smoke").model_copy(update={"seeds": [0]})
     one, three = stages(grid), stages(grid.model_copy(update={"seeds": [0, 1, 2]}))

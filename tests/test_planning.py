@@ -139,6 +139,30 @@ def test_plan_ranking_of_the_true_model_is_perfect_and_of_a_wrong_agent_is_not(e
     assert wrong["plan_rank_agent0"] < 0.9 and wrong["plan_regret_agent0"] > 0.2
 
 
+def test_plan_ranking_conditions_a_contextual_model_on_each_states_real_past():
+    family = get_env("mountaincar")
+    covariates = np.asarray(family.test_agents)
+
+    class Contextual:  # knows which agent an episode is from how long its past is: a stand-in for CaDM's encoder
+        n_members, history = 1, 3
+
+        def __init__(self):
+            self.true, self.pasts = TrueEnvModel(family, covariates), []
+
+        def condition(self, obs, action):
+            assert obs.shape[:2] == (2, action.shape[1] + 1)  # agents 0 and 4, every real step so far
+            self.pasts.append(obs.shape[1])
+
+        def step(self, obs, action, episode):
+            return self.true.step(obs, action, torch.tensor([0, 4])[episode])
+
+    model = Contextual()
+    spec = PlannerSpec(horizon=30, candidates=30, elites=5)
+    ranked = plan_ranking(model, family, covariates, [0, 4], prediction_policy(family), spec, 3, 30, 5, seed=0)
+    assert model.pasts == [6, 16, 26]  # states at steps 5, 15, 25 of the test policy's episodes
+    assert ranked["plan_rank_agent0"] == pytest.approx(1.0) and ranked["plan_regret_agent4"] == 0.0
+
+
 def test_plan_ranking_is_blind_for_a_model_that_cannot_tell_plans_apart():
     """A MountainCar model in which the car never moves scores every plan alike (-1 a step, the start's
     height): it ranks nothing, and its pick (the first plan) is on average as far from the best as the mean plan."""

@@ -64,7 +64,7 @@ def trial_params(grid: dict, trial: Trial) -> dict:
 # flat names stay: reward_agent0, seconds_fit, train_loss. Runs recorded before the grouping hold the flat
 # names, which read back unchanged.
 _PER_AGENT = re.compile(r"(?P<kind>.+)_agent(?P<agent>\d+)")
-_MEANS = ("reward", "rmse", "r2")
+_MEANS = ("reward", "rmse", "r2", "plan_rank")
 _PREFIXED = ("seconds", "model", "probe_r2")
 
 
