@@ -73,6 +73,22 @@ def open_loop(model: DynamicsModel, start: np.ndarray, actions: np.ndarray, agen
     return torch.stack(predicted, 1).cpu().numpy()
 
 
+def _model_key(model: DynamicsModel, obs: np.ndarray, actions: np.ndarray, t: int, agent: np.ndarray) -> np.ndarray:
+    """What the model's ``step`` takes to tell these real episodes apart from step t on: their agent ids,
+    or for a contextual model, conditioned here on each episode's real steps up to t, their indices."""
+    if not isinstance(model, ContextualModel):
+        return agent
+    device = model_device(model)
+    model.condition(torch.as_tensor(obs[:, :t + 1], device=device), torch.as_tensor(actions[:, :t], device=device))
+    return np.arange(len(agent))
+
+
+def _mean_of_finite(values) -> float:
+    """The mean over the finite values; NaN (without numpy's warning) when there are none."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+
 def prediction_error(model: DynamicsModel, family: EnvFamily, covariates: np.ndarray, agents: list[int],
                      policy: BehaviourPolicy, trajectories: int, steps: int, burn_in: int, seed: int) -> dict:
     """Per test agent: mean RMSE and median R^2 of ``steps``-step open-loop predictions."""
@@ -80,12 +96,7 @@ def prediction_error(model: DynamicsModel, family: EnvFamily, covariates: np.nda
     obs, actions, alive, agent = record_test_trajectories(
         family, covariates, agents, policy, trajectories, burn_in + steps, rng)
     truth = obs[:, burn_in + 1:]
-    key = agent
-    if isinstance(model, ContextualModel):  # context from the real burn-in steps, fixed over the window
-        device = model_device(model)
-        model.condition(torch.as_tensor(obs[:, :burn_in + 1], device=device),
-                        torch.as_tensor(actions[:, :burn_in], device=device))
-        key = np.arange(len(agent))
+    key = _model_key(model, obs, actions, burn_in, agent)  # a contextual model: fixed over the window
     predicted = open_loop(model, obs[:, burn_in], actions[:, burn_in:], key)
     valid = alive[:, burn_in:-1]  # state t+1 was really reached iff the episode still ran at t
     squared = np.where(valid[..., None], (predicted - truth) ** 2, np.nan)
@@ -134,11 +145,7 @@ def plan_ranking(model: DynamicsModel, family: EnvFamily, covariates: np.ndarray
         rows = np.flatnonzero((np.arange(len(agent)) % per_agent == j) & alive[:, t])
         if not len(rows):
             continue
-        key = agent[rows]
-        if isinstance(model, ContextualModel):  # context from each episode's real steps so far
-            model.condition(torch.as_tensor(obs[rows, :t + 1], device=device),
-                            torch.as_tensor(actions[rows, :t], device=device))
-            key = np.arange(len(rows))
+        key = _model_key(model, obs[rows], actions[rows], t, agent[rows])
         start = torch.as_tensor(obs[rows, t], dtype=torch.float32, device=device)
         plans = planner.first_candidates(len(rows))
         with torch.no_grad():
@@ -151,10 +158,9 @@ def plan_ranking(model: DynamicsModel, family: EnvFamily, covariates: np.ndarray
     metrics = {}
     for a in agents:
         rho, regret, blind = np.array(found[a]).T if found[a] else np.full((3, 1), np.nan)
-        metrics[f"plan_rank_agent{a}"] = float(np.nanmean(rho)) if np.isfinite(rho).any() else float("nan")
+        metrics[f"plan_rank_agent{a}"] = _mean_of_finite(rho)
         metrics[f"plan_regret_agent{a}"] = float(regret.sum() / blind.sum())
-    ranks = np.array([metrics[f"plan_rank_agent{a}"] for a in agents])
-    metrics["plan_rank_mean"] = float(np.nanmean(ranks)) if np.isfinite(ranks).any() else float("nan")
+    metrics["plan_rank_mean"] = _mean_of_finite([metrics[f"plan_rank_agent{a}"] for a in agents])
     return metrics
 
 

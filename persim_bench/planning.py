@@ -173,11 +173,10 @@ class MPCPlanner:
 
     def _cem(self, obs, agent, previous):
         """Cross-entropy method over action sequences in [-1, 1], warm-started from the shifted last mean."""
-        e, h, a = len(obs), self.horizon, self.family.action_dim
-        mean = torch.zeros(e, h, a, device=self.device)
+        e = len(obs)
+        mean, std = self._prior(e)
         if previous is not None:
             mean[:, :-1] = previous[:, 1:]
-        std = torch.full((e, h, a), self.spec.init_std, device=self.device)
         alpha = self.spec.smoothing
         rows = torch.arange(e, device=self.device)[:, None]
         for _ in range(self.spec.iterations + 1):
@@ -192,11 +191,15 @@ class MPCPlanner:
         """The plans the planner scores first for each of ``episodes`` states, before any warm start or
         refinement: [E, K, H] uniform discrete actions (random shooting) or [E, K, H, A] draws from
         N(0, init_std) clipped to [-1, 1] (CEM's first sample)."""
-        e, k, h = episodes, self.candidates, self.horizon
         if self.family.discrete:
-            return torch.randint(0, self.family.n_actions, (e, k, h), generator=self.generator, device=self.device)
-        mean = torch.zeros(e, h, self.family.action_dim, device=self.device)
-        return self._gaussian_plans(mean, torch.full_like(mean, self.spec.init_std))
+            return torch.randint(0, self.family.n_actions, (episodes, self.candidates, self.horizon),
+                                 generator=self.generator, device=self.device)
+        return self._gaussian_plans(*self._prior(episodes))
+
+    def _prior(self, episodes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """CEM's starting mean (0) and std (init_std) per episode, step and action dimension: [E, H, A] each."""
+        mean = torch.zeros(episodes, self.horizon, self.family.action_dim, device=self.device)
+        return mean, torch.full_like(mean, self.spec.init_std)
 
     def _gaussian_plans(self, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
         """K plans per row around mean [E, H, A] with spread std, clipped to the action box."""
