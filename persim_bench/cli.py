@@ -35,6 +35,17 @@ def tracking_uri(args: argparse.Namespace, results: Path) -> str:
     return given_tracking_uri(args) or default_tracking_uri(results)
 
 
+def stored_tracking_uri(args: argparse.Namespace, results: Path) -> str:
+    """The tracking URI of runs already made (tables, report, evaluate, ui): as ``tracking_uri``, except
+    that a default store that does not exist is refused instead of created empty (a mistyped --results)."""
+    from persim_bench.errors import TrackingError
+
+    if given_tracking_uri(args) is None and not (results / "mlflow.db").is_file():
+        raise TrackingError(f"{results}: no mlflow.db, so no runs to read; run `persim-bench run` there first, "
+                            "or pass the --results folder (or --mlflow-uri) that holds them")
+    return tracking_uri(args, results)
+
+
 def given_tracking_uri(args: argparse.Namespace) -> str | None:
     """``--mlflow-uri`` or ``$MLFLOW_TRACKING_URI`` (an empty value is unset); None when neither is given."""
     return getattr(args, "mlflow_uri", None) or os.environ.get("MLFLOW_TRACKING_URI") or None
@@ -124,7 +135,7 @@ def cmd_tables(args) -> None:
 
     grid = load_grid(args.grid)
     results = Path(args.results).resolve()
-    uri = tracking_uri(args, results)
+    uri = stored_tracking_uri(args, results)
     check_tracking_store(uri)
     out = write_tables(grid, uri, results, data_root(results, grid.name))
     if not args.quiet:
@@ -138,7 +149,7 @@ def cmd_report(args) -> None:
 
     grid = load_grid(args.grid)
     results = Path(args.results).resolve()
-    uri = tracking_uri(args, results)
+    uri = stored_tracking_uri(args, results)
     check_tracking_store(uri)
     path = write_report(grid, uri, results, data_root(results, grid.name))
     if not args.quiet:
@@ -151,7 +162,7 @@ def cmd_evaluate(args) -> None:
     from persim_bench.orchestration.reevaluate import evaluate_run
 
     results = Path(args.results).resolve()
-    uri = tracking_uri(args, results)
+    uri = stored_tracking_uri(args, results)
     check_tracking_store(uri)
     run_id, metrics = evaluate_run(args.run, results, uri, episodes=args.episodes, agents=args.agents,
                                    prediction_policy=args.prediction_policy, data_box=args.data_box,
@@ -163,7 +174,7 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_ui(args) -> None:
-    uri = tracking_uri(args, Path(args.results).resolve())
+    uri = stored_tracking_uri(args, Path(args.results).resolve())
     # One web worker and no job runner (MLflow's GenAI jobs; MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true brings it
     # back): a browser on this machine needs no more, and it starts and stops in seconds.
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",

@@ -133,6 +133,16 @@ def test_damaged_store_and_state_and_read_only_results_are_one_line(tmp_path):
         cli.main(["tables", "--grid", str(grid), "--results", str(results)])
 
 
+@pytest.mark.parametrize("command", [["tables", "--grid", "smoke"], ["report", "--grid", "smoke"],
+                                     ["evaluate", "--run", "0123abcd"], ["ui"]])
+def test_reading_a_results_folder_without_runs_is_refused_and_creates_nothing(tmp_path, monkeypatch, command):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    results = tmp_path / "typo"
+    with pytest.raises(SystemExit, match=r"typo: no mlflow.db, so no runs to read; run `persim-bench run`"):
+        cli.main(command + ["--results", str(results)])
+    assert not results.exists()
+
+
 def test_a_folder_that_cannot_be_written_is_one_line_naming_it(tmp_path):
     results = tmp_path / "results"
     results.mkdir()
