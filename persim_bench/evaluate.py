@@ -172,7 +172,9 @@ def episode_rewards(act: ActFn, family: EnvFamily, covariates: np.ndarray, agent
     If it takes an ``episodes`` keyword (the MPC planner) it also gets their indices among all
     the episodes here (``arange(n)`` while all run), to keep its per-episode state aligned.
     Metrics: per agent the mean and std of the returns, the mean length, and every episode's
-    return (``episode_returns_agent{a}``, a list, for bootstrap intervals).
+    return (``episode_returns_agent{a}``, a list, for bootstrap intervals). An episode whose physics
+    diverged (``BatchSim.diverged``: MuJoCo restarted the body) ends there and is left out of the
+    returns, as a measurement of nothing; ``diverged_agent{a}`` counts them (NaN return if all did).
     """
     rng = np.random.default_rng(seed)
     agent = np.repeat(np.asarray(agents), episodes)
@@ -182,6 +184,7 @@ def episode_rewards(act: ActFn, family: EnvFamily, covariates: np.ndarray, agent
     returns = np.zeros(n)
     alive = np.ones(n, dtype=bool)
     lengths = np.zeros(n, dtype=np.int64)
+    diverged = np.zeros(n, dtype=bool)
     tracks_episodes = _takes_episodes(act)
     for t in range(max_steps):
         running = np.flatnonzero(alive)
@@ -196,6 +199,7 @@ def episode_rewards(act: ActFn, family: EnvFamily, covariates: np.ndarray, agent
         obs, reward, terminated = sim.step(action)
         returns += reward * alive
         lengths += alive
+        diverged |= sim.diverged & alive
         alive &= ~terminated
         if on_step:
             on_step(t)
@@ -204,10 +208,12 @@ def episode_rewards(act: ActFn, family: EnvFamily, covariates: np.ndarray, agent
     metrics = {}
     for a in agents:
         mine = agent == a
-        metrics[f"reward_agent{a}"] = float(returns[mine].mean())
-        metrics[f"reward_std_agent{a}"] = float(returns[mine].std())
+        scored = returns[mine & ~diverged]
+        metrics[f"reward_agent{a}"] = float(scored.mean()) if len(scored) else float("nan")
+        metrics[f"reward_std_agent{a}"] = float(scored.std()) if len(scored) else float("nan")
         metrics[f"length_agent{a}"] = float(lengths[mine].mean())
-        metrics[f"episode_returns_agent{a}"] = [float(r) for r in returns[mine]]
+        metrics[f"diverged_agent{a}"] = int(diverged[mine].sum())
+        metrics[f"episode_returns_agent{a}"] = [float(r) for r in scored]
     metrics["reward_mean"] = float(np.mean([metrics[f"reward_agent{a}"] for a in agents]))
     return metrics
 

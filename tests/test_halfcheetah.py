@@ -136,3 +136,66 @@ def test_true_dynamics_accepts_flat_or_row_covariates(covariates):
     dynamics = FAMILY.true_dynamics(np.asarray(covariates))
     out = dynamics(torch.zeros(3, 18), torch.zeros(3, 6), torch.zeros(3, dtype=torch.long))
     assert out.shape == (3, 18) and out.dtype == torch.float32
+
+
+# --- a diverging agent: MuJoCo restarts it mid-step ------------------------------------------------
+
+def _kick(sim: HalfCheetahBatch, row: int) -> None:
+    """Give one agent an absurd joint velocity in place (its clock and episode untouched): MuJoCo will
+    find it diverging in the next step and restart it at rest, as it does for a planner's exploit."""
+    sim.state[row, sim.layout.qvel.start + 3] = 1e12
+
+
+def test_a_restarted_agent_ends_its_episode_and_is_not_paid_the_jump_back():
+    sim = FAMILY.batch(COVARIATES[:2])
+    sim.reset(np.random.default_rng(0))
+    qpos = sim.qpos.copy()
+    qpos[:, 0] = 100.0  # far down the track: the restart would be a jump of -100 m in 0.05 s
+    sim.set_state(qpos, sim.qvel)
+    _kick(sim, 1)
+    obs, reward, terminated = sim.step(np.zeros((2, 6)))
+    assert terminated.tolist() == [False, True] and sim.diverged.tolist() == [False, True]
+    assert abs(sim.qpos[1, 0]) < 1.0, "the premise: MuJoCo put agent 1 back at the start"
+    assert obs[1, 0] == 0.0 and reward[1] == 0.0  # not (0 - 100) / 0.05 = -2000
+    assert abs(obs[0, 0]) < 1.0 and np.isfinite(obs).all()
+    sim.step(np.zeros((2, 6)))
+    assert sim.diverged.tolist() == [False, True], "stays marked until the next reset"
+    sim.reset(np.random.default_rng(1))
+    assert not sim.diverged.any()
+
+
+class _KickedCheetah(halfcheetah.HalfCheetah):
+    """The real HalfCheetah whose simulator kicks the given rows to divergence before step 3."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def batch(self, covariates):
+        family, sim = self, HalfCheetahBatch(covariates, self)
+        original, steps = sim.step, [0]
+
+        def step(actions):
+            steps[0] += 1
+            if steps[0] == 3:
+                for row in family.rows:
+                    _kick(sim, row)
+            return original(actions)
+
+        sim.step = step
+        return sim
+
+
+@pytest.mark.parametrize("rows", [[2], [2, 3]])
+def test_diverged_episodes_are_left_out_of_the_returns_and_counted(rows):
+    from persim_bench.evaluate import episode_rewards
+
+    act = lambda obs, agent: np.zeros((len(obs), 6))  # noqa: E731
+    # Agents 0 and 1, two episodes each: rows 2 and 3 are agent 1's.
+    metrics = episode_rewards(act, _KickedCheetah(rows), COVARIATES, [0, 1], 2, 6, seed=0)
+    assert metrics["diverged_agent0"] == 0 and len(metrics["episode_returns_agent0"]) == 2
+    assert metrics["diverged_agent1"] == len(rows)
+    assert metrics["length_agent1"] == np.mean([3 if row in rows else 6 for row in (2, 3)])
+    if len(rows) == 1:
+        assert metrics["episode_returns_agent1"] == [pytest.approx(metrics["reward_agent1"])]
+    else:
+        assert metrics["episode_returns_agent1"] == [] and np.isnan(metrics["reward_agent1"])

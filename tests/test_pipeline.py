@@ -163,4 +163,9 @@ def test_unreachable_address_and_missing_dataset_give_one_line(tmp_path, write_g
     assert done.stderr.strip().splitlines()[-1].startswith("persim-bench: cannot reach Ray at --address 127.0.0.1:1")
     done = subprocess.run([sys.executable, "-m", "persim_bench.cli", "tables", "--grid", str(grid),
                            "--results", str(tmp_path / "empty")], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "empty: no mlflow.db, so no runs to read" in done.stderr
+    (tmp_path / "empty").mkdir()
+    MlflowClient(f"sqlite:///{tmp_path / 'empty' / 'mlflow.db'}").create_experiment("persim-bench/another-grid")
+    done = subprocess.run([sys.executable, "-m", "persim_bench.cli", "tables", "--grid", str(grid),
+                           "--results", str(tmp_path / "empty")], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "no MLflow experiment" in done.stderr

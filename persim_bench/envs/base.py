@@ -54,6 +54,9 @@ class BatchSim(ABC):
         self.family = family
         self.covariates = family.check_covariates(covariates)
         self.n = len(self.covariates)
+        # Agents whose physics diverged since the last reset: the engine restarted them at rest (MuJoCo
+        # does, mid-step), so their episodes ended there and their returns measure no behaviour.
+        self.diverged = np.zeros(self.n, dtype=bool)
 
     @abstractmethod
     def reset(self, rng: np.random.Generator) -> np.ndarray:

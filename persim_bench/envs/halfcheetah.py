@@ -8,9 +8,12 @@ advance in one ``mujoco.rollout`` call, each row with its own model, on a persis
 
 Numerics: mass and damping scales are accepted in [0.01, 10] (``HalfCheetah.covariate_valid``), where
 MuJoCo stays finite from any reset state. A state that diverges anyway (put there with ``set_state``
-or given to ``true_dynamics``) is reset by MuJoCo itself to the model's rest pose, with a warning that
-is logged once per process and kind (``_log_mujoco_warning``); a non-finite observation is never
-returned, ``step`` raises FloatingPointError instead.
+or given to ``true_dynamics``, or driven there by a planner that exploits the simulator: True env +
+MPC does on the light or lightly damped agents) is reset by MuJoCo itself to the model's rest pose,
+with a warning that is logged once per process and kind (``_log_mujoco_warning``). ``step`` sees the
+reset (the agent's clock falls back) and ends that agent's episode (``terminated``, ``diverged``)
+instead of paying the jump back to the start as reward; a non-finite observation is never returned,
+``step`` raises FloatingPointError instead.
 """
 from __future__ import annotations
 
@@ -152,6 +155,7 @@ class _StateLayout:
 
     def __init__(self, model: mujoco.MjModel):
         self.size = mujoco.mj_stateSize(model, _FULLPHYSICS)
+        self.time = 0  # the simulation clock, first in FULLPHYSICS order
         qpos_start = mujoco.mj_stateSize(model, mujoco.mjtState.mjSTATE_TIME.value)
         qvel_start = qpos_start + model.nq
         self.qpos = slice(qpos_start, qvel_start)
@@ -160,6 +164,9 @@ class _StateLayout:
 
     def states(self, qpos: np.ndarray, qvel: np.ndarray) -> np.ndarray:
         state = np.zeros((len(qpos), self.size))
+        # The clock starts at 1 s, not 0 (the cheetah's physics do not read it), so that a MuJoCo
+        # restart, which sets it to 0 and then runs at most FRAME_SKIP steps, always shows in ``step``.
+        state[:, self.time] = 1.0
         state[:, self.qpos] = qpos
         state[:, self.qvel] = qvel
         return state
@@ -207,6 +214,7 @@ class HalfCheetahBatch(BatchSim):
         if not (np.isfinite(qpos).all() and np.isfinite(qvel).all()):
             raise ValueError(f"{self.family.gym_id}: set_state got a non-finite qpos or qvel")
         self.state = self.layout.states(qpos, qvel)
+        self.diverged = np.zeros(self.n, dtype=bool)
         return self.layout.observations(self.state, previous_x=None)
 
     def reset(self, rng: np.random.Generator) -> np.ndarray:
@@ -218,12 +226,18 @@ class HalfCheetahBatch(BatchSim):
     def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         actions = np.asarray(actions, dtype=np.float64).reshape(self.n, base_model().nu)
         state = self._require_state()
-        previous_x = state[:, self.layout.qpos.start]
+        previous_x, previous_time = state[:, self.layout.qpos.start], state[:, self.layout.time]
         self.state = self.stepper.env_step(self.models, state, actions)
+        # MuJoCo restarts a diverging agent at its rest pose with its clock at 0 (mj_resetData), mid-step:
+        # the clock is the one trace of it. Its x velocity would be the jump back to the start (hundreds
+        # of thousands): the restarted row gets 0, as after reset, and its episode ends.
+        restarted = np.abs(self.state[:, self.layout.time] - (previous_time + self.layout.dt)) > 1e-6
+        previous_x = np.where(restarted, self.state[:, self.layout.qpos.start], previous_x)
+        self.diverged |= restarted
         with np.errstate(over="ignore"):  # float32 overflow is inf, which _require_finite refuses
             next_obs = self._require_finite(self.layout.observations(self.state, previous_x))
         reward = next_obs[:, 0].astype(np.float64) - _control_cost(actions)
-        return next_obs, reward, np.zeros(self.n, dtype=bool)
+        return next_obs, reward, restarted
 
     def reset_info(self) -> dict[str, np.ndarray]:
         return {"x_position": self.qpos[:, 0].copy()}
