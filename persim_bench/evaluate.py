@@ -152,7 +152,9 @@ def plan_ranking(model: DynamicsModel, family: EnvFamily, covariates: np.ndarray
             predicted = planner.score(start, torch.as_tensor(key, device=device), plans).cpu().numpy()
             true = truth.score(start.cpu(), torch.as_tensor(agent[rows]), plans.cpu()).numpy()
         for a, mine, real in zip(agent[rows], predicted, true):
-            if np.ptp(real) > 0:
+            kept = np.isfinite(real)  # plans that make the true physics diverge score -inf: left out
+            mine, real = mine[kept], real[kept]
+            if len(real) > 1 and np.ptp(real) > 0:
                 rho = spearmanr(mine, real).statistic if np.ptp(mine) > 0 else np.nan  # a model that ranks nothing
                 found[a].append((rho, real.max() - real[np.argmax(mine)], real.max() - real.mean()))
     metrics = {}

@@ -236,5 +236,6 @@ class MPCPlanner:
             state = next_state
         if family.shaping_weight:
             total += family.shaping_weight * furthest
-        per_member = total.view(m, e, k)
+        # A plan whose imagined states stopped being numbers (the true dynamics diverged) is no plan.
+        per_member = total.masked_fill(total.isnan(), float("-inf")).view(m, e, k)
         return per_member.min(dim=0).values if self.spec.aggregate == "min" else per_member.mean(dim=0)

@@ -113,7 +113,7 @@ def test_nothing_is_written_to_the_working_directory(monkeypatch, tmp_path, capl
     batch.step(FAMILY.random_actions(rng, len(COVARIATES)))
     dynamics = FAMILY.true_dynamics((1.7, 1.7))
     unstable = torch.from_numpy(obs).clone()
-    unstable[0, 9] = float("nan")  # makes MuJoCo raise a runtime warning
+    unstable[0, 9 + 3] = 1e12  # makes MuJoCo raise a runtime warning
     dynamics(unstable, torch.zeros(len(COVARIATES), 6), torch.zeros(len(COVARIATES), dtype=torch.long))
     assert list(tmp_path.iterdir()) == []
     assert any("MuJoCo" in record.getMessage() for record in caplog.records)
@@ -199,3 +199,19 @@ def test_diverged_episodes_are_left_out_of_the_returns_and_counted(rows):
         assert metrics["episode_returns_agent1"] == [pytest.approx(metrics["reward_agent1"])]
     else:
         assert metrics["episode_returns_agent1"] == [] and np.isnan(metrics["reward_agent1"])
+
+
+def test_true_dynamics_return_nan_from_a_divergence_and_the_planner_drops_such_plans():
+    from persim_bench.planning import MPCPlanner, TrueEnvModel
+    from persim_bench.specs import PlannerSpec
+
+    dynamics = FAMILY.true_dynamics(COVARIATES[:1])
+    obs = torch.zeros(3, 18, dtype=torch.float64)
+    obs[1, 9 + 3] = 1e12  # a joint speed MuJoCo restarts the body from
+    obs[2] = float("nan")  # a row that already diverged
+    out = dynamics(obs, torch.zeros(3, 6, dtype=torch.float64), torch.zeros(3, dtype=torch.long))
+    assert out.isnan().all(dim=1).tolist() == [False, True, True] and out[0].isfinite().all()
+
+    planner = MPCPlanner(FAMILY, TrueEnvModel(FAMILY, COVARIATES[:1]), PlannerSpec(candidates=8, elites=2, horizon=3), seed=0)
+    scores = planner.score(obs[:2].float(), torch.zeros(2, dtype=torch.long), planner.first_candidates(2))
+    assert scores[0].isfinite().all() and (scores[1] == float("-inf")).all()  # not NaN, which topk would pick

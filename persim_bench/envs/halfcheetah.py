@@ -171,6 +171,10 @@ class _StateLayout:
         state[:, self.qvel] = qvel
         return state
 
+    def restarted(self, before: np.ndarray, after: np.ndarray) -> np.ndarray:
+        """Rows MuJoCo restarted during one env step: it sets a diverging agent's clock to 0 (mj_resetData)."""
+        return np.abs(after[:, self.time] - (before[:, self.time] + self.dt)) > 1e-6
+
     def observations(self, state: np.ndarray, previous_x: np.ndarray | None) -> np.ndarray:
         """[(x' - x)/dt, qpos[1:], qvel] as float32; the velocity entry is 0 without a previous x (authors)."""
         qpos, qvel = state[:, self.qpos], state[:, self.qvel]
@@ -226,12 +230,12 @@ class HalfCheetahBatch(BatchSim):
     def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         actions = np.asarray(actions, dtype=np.float64).reshape(self.n, base_model().nu)
         state = self._require_state()
-        previous_x, previous_time = state[:, self.layout.qpos.start], state[:, self.layout.time]
+        previous_x = state[:, self.layout.qpos.start]
         self.state = self.stepper.env_step(self.models, state, actions)
-        # MuJoCo restarts a diverging agent at its rest pose with its clock at 0 (mj_resetData), mid-step:
-        # the clock is the one trace of it. Its x velocity would be the jump back to the start (hundreds
-        # of thousands): the restarted row gets 0, as after reset, and its episode ends.
-        restarted = np.abs(self.state[:, self.layout.time] - (previous_time + self.layout.dt)) > 1e-6
+        # MuJoCo restarts a diverging agent at its rest pose, mid-step; its clock is the one trace of it.
+        # Its x velocity would be the jump back to the start (hundreds of thousands): the restarted row
+        # gets 0, as after reset, and its episode ends.
+        restarted = self.layout.restarted(state, self.state)
         previous_x = np.where(restarted, self.state[:, self.layout.qpos.start], previous_x)
         self.diverged |= restarted
         with np.errstate(over="ignore"):  # float32 overflow is inf, which _require_finite refuses
@@ -332,7 +336,12 @@ class HalfCheetah(EnvFamily):
         return torch.zeros(next_obs.shape[:-1], dtype=torch.bool, device=next_obs.device)
 
     def true_dynamics(self, covariates: np.ndarray) -> TorchDynamics:
-        """Steps rows of observations; x is translation-invariant, so qpos[0] = 0 is exact."""
+        """Steps rows of observations; x is translation-invariant, so qpos[0] = 0 is exact.
+
+        A row whose physics diverge (MuJoCo restarts it) comes back NaN, and so does every row stepped
+        from NaN: no state follows from a divergence, and the planner scores such a plan -inf, where
+        the explosion's velocity would have paid it hundreds of thousands.
+        """
         models = [scaled_model(c) for c in self.check_covariates(covariates, flat_is_one_agent=True)]
         layout = _StateLayout(models[0])
         stepper = _Stepper(max_rows=torch.get_num_threads())
@@ -341,10 +350,14 @@ class HalfCheetah(EnvFamily):
         def next_observation(obs: torch.Tensor, action: torch.Tensor, agent: torch.Tensor) -> torch.Tensor:
             obs_np = obs.detach().to("cpu", torch.float64).numpy()
             action_np = action.detach().to("cpu", torch.float64).numpy()
+            invalid = ~np.isfinite(obs_np).all(axis=1)
+            obs_np[invalid] = 0.0  # stepped as a placeholder, returned NaN
             qpos = np.concatenate([np.zeros((len(obs_np), 1)), obs_np[:, 1:nq]], axis=1)
             state = layout.states(qpos, obs_np[:, nq:nq + nv])
             next_state = stepper.env_step([models[a] for a in agent.tolist()], state, action_np)
-            next_obs = layout.observations(next_state, previous_x=np.zeros(len(obs_np)))
+            with np.errstate(over="ignore"):
+                next_obs = layout.observations(next_state, previous_x=np.zeros(len(obs_np)))
+            next_obs[invalid | layout.restarted(state, next_state)] = np.nan
             return torch.from_numpy(next_obs).to(device=obs.device, dtype=obs.dtype)
 
         return next_observation
