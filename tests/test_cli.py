@@ -17,6 +17,7 @@ import time
 import urllib.request
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 import persim_bench
 from persim_bench import cli
@@ -381,6 +382,8 @@ def alive(pid: int) -> bool:
 @pytest.mark.integration
 def test_ui_becomes_the_mlflow_server_and_sigterm_stops_all_of_it(tmp_path):
     port = free_port()
+    (tmp_path / "results").mkdir()
+    MlflowClient(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}").create_experiment("persim-bench/some-grid")
     server = subprocess.Popen([sys.executable, "-m", "persim_bench.cli", "ui", "--port", str(port),
                                "--results", str(tmp_path / "results")], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, env=subprocess_env())
