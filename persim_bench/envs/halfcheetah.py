@@ -351,7 +351,8 @@ class HalfCheetah(EnvFamily):
             obs_np = obs.detach().to("cpu", torch.float64).numpy()
             action_np = action.detach().to("cpu", torch.float64).numpy()
             invalid = ~np.isfinite(obs_np).all(axis=1)
-            obs_np[invalid] = 0.0  # stepped as a placeholder, returned NaN
+            obs_np = np.where(invalid[:, None], 0.0, obs_np)  # a placeholder to step, returned NaN; the caller's
+            # tensor is left alone (for a float64 CPU input, .numpy() shares its memory)
             qpos = np.concatenate([np.zeros((len(obs_np), 1)), obs_np[:, 1:nq]], axis=1)
             state = layout.states(qpos, obs_np[:, nq:nq + nv])
             next_state = stepper.env_step([models[a] for a in agent.tolist()], state, action_np)
