@@ -236,6 +236,7 @@ class MPCPlanner:
             state = next_state
         if family.shaping_weight:
             total += family.shaping_weight * furthest
-        # A plan whose imagined states stopped being numbers (the true dynamics diverged) is no plan.
-        per_member = total.masked_fill(total.isnan(), float("-inf")).view(m, e, k)
+        # A plan whose imagined return is not a finite number (the true dynamics diverged, or a learned
+        # model overflowed) is no plan: NaN would be picked first by topk, and +inf always.
+        per_member = total.masked_fill(~total.isfinite(), float("-inf")).view(m, e, k)
         return per_member.min(dim=0).values if self.spec.aggregate == "min" else per_member.mean(dim=0)

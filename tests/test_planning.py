@@ -71,6 +71,18 @@ def test_members_are_aggregated_by_min_or_mean(aggregate, expected_best):
     assert int(scores.argmax()) == expected_best
 
 
+@pytest.mark.parametrize("runaway", [float("inf"), float("nan")])
+def test_a_plan_whose_imagined_return_is_not_finite_is_never_picked(runaway):
+    # Action 1 sends member 0's position to +inf (an overflowing model) or NaN: its return is +inf or
+    # NaN, which topk would rank first; the planner scores it -inf, under both aggregates.
+    family = get_env("mountaincar")
+    model = _Lookup([[0.1, runaway, 0.0], [0.1, 0.2, 0.0]])
+    for aggregate in ("min", "mean"):
+        planner = MPCPlanner(family, model, PlannerSpec(aggregate=aggregate, elites=1, candidates=2), seed=0)
+        scores = planner.score(torch.tensor([[-0.5, 0.0]]), torch.tensor([0]), torch.tensor([0, 1]).reshape(1, 2, 1))[0]
+        assert scores[0].isfinite() and scores[1] == float("-inf")
+
+
 class _BoxedLookup(_Lookup):
     """``_Lookup`` with the data range a fitted model records (position and velocity widths 1)."""
 
